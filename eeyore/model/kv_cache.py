@@ -1,0 +1,60 @@
+"""A preallocated key/value cache in which every batch row sits at its own position.
+
+Layout: `[layers, slots, kv_heads, max_len, head_dim]`. A slot holds one sequence. The forward
+pass writes each new token's key and value at that token's position in its row's slot, and each
+query attends to the cached keys at positions up to its own. Rows therefore never need to be at
+the same position, which is what continuous batching needs: a request is prefilled into a free
+slot and then decodes alongside the others. Stale entries from a slot's previous occupant lie at
+positions beyond the new sequence's and are masked until overwritten.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import LlamaConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: LlamaConfig,
+        slots: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        _views: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        self.config, self.max_len = config, max_len
+        if _views is None:
+            shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.head_dim)
+            _views = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.k, self.v = _views
+        self.slots = self.k.shape[1]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view over slots [start, stop): batch row b of a forward pass is slot start + b."""
+        if not 0 <= start < stop <= self.slots:
+            raise IndexError(f"slots [{start}, {stop}) outside a cache of {self.slots} slots")
+        return KVCache(self.config, 0, self.max_len, _views=(self.k[:, start:stop], self.v[:, start:stop]))
+
+    def attention_mask(self, positions: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mask `[B, 1, T, L]` (True = attend) over the first L cached positions, and L."""
+        kv_len = int(positions.max()) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
+        keys = torch.arange(kv_len, device=positions.device)
+        return (keys <= positions[:, :, None])[:, None], kv_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v `[B, kv_heads, T, head_dim]` at `positions` `[B, T]`; return the first kv_len cached."""
+        batch = k.shape[0]
+        kl, vl = self.k[layer, :batch], self.v[layer, :batch]
+        if positions.shape[1] == 1:  # decode: one token per row, rows at different positions
+            rows = torch.arange(batch, device=positions.device)
+            kl[rows, :, positions[:, 0]] = k[:, :, 0]
+            vl[rows, :, positions[:, 0]] = v[:, :, 0]
+        else:  # prefill: a contiguous run of positions per row
+            rows = torch.arange(batch, device=positions.device)[:, None]
+            kl[rows, :, positions] = k.transpose(1, 2)
+            vl[rows, :, positions] = v.transpose(1, 2)
+        return kl[:, :, :kv_len], vl[:, :, :kv_len]

@@ -1,0 +1,238 @@
+"""Llama 3.1 as HF ships it: one module, HF parameter names, so checkpoints load without renaming.
+
+Reading order: `Llama.forward` → `Block` → `Attention` / `MLP`; `rope_inverse_frequencies` holds the
+llama3 frequency scaling.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LlamaConfig
+from .kv_cache import KVCache
+from .weights import load_state_dict, resolve_model_dir, save_checkpoint
+
+try:  # flash-attn is an optional CUDA-only build
+    from flash_attn import flash_attn_varlen_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies of split-half RoPE, with Llama 3's long-context scaling when configured."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+    s = config.rope_scaling
+    if s is None:
+        return inv.float()
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    original = s["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv
+    # Short wavelengths stay, long ones are divided by `factor`, the band between is blended.
+    blend = (original / wavelength - low) / (high - low)
+    mixed = (1 - blend) * inv / factor + blend * inv
+    scaled = torch.where(wavelength > original / low, inv / factor, mixed)
+    return torch.where(wavelength < original / high, inv, scaled).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, exactly as HF does: bf16 results match.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.heads, self.kv_heads, self.head_dim = layer, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: "Context") -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer, k, v, ctx.positions, ctx.kv_len)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
+        elif ctx.cu_seqlens is not None and flash_attn_varlen_func is not None and x.is_cuda:
+            out = self._flash_varlen(q, k, v, ctx.cu_seqlens)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    @staticmethod
+    def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Packed sequences (one row) through flash-attn's variable-length kernel: no padding, no mask."""
+        cu = cu_seqlens.to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        out = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, longest, longest, causal=True)
+        return out.transpose(0, 1)[None]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: "Context") -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Context:
+    """What every layer of one forward pass shares: cache, positions and the attention mask."""
+
+    def __init__(self, positions: torch.Tensor, cache: KVCache | None, cu_seqlens: torch.Tensor | None) -> None:
+        self.positions, self.cache, self.cu_seqlens = positions, cache, cu_seqlens
+        self.mask, self.kv_len = None, 0
+        if cache is not None:
+            self.mask, self.kv_len = cache.attention_mask(positions)
+        elif cu_seqlens is not None and not (flash_attn_varlen_func is not None and positions.is_cuda):
+            self.mask = packed_causal_mask(cu_seqlens, positions.shape[1], positions.device)
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """Block-diagonal causal mask `[1, 1, T, T]` for sequences packed into one row."""
+    doc = torch.searchsorted(cu_seqlens[1:].to(device), torch.arange(length, device=device), right=True)
+    idx = torch.arange(length, device=device)
+    return ((doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None]))[None, None]
+
+
+class Decoder(nn.Module):
+    """HF's `model.` prefix: embeddings, blocks and final norm."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # A plain attribute, not a buffer: it must not appear in the state dict and must survive
+        # construction on the meta device (explicit cpu overrides a `torch.device` context).
+        self.inv_freq = rope_inverse_frequencies(config)
+        self.generation_config: dict[str, Any] = {}
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2], fp32 like HF
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states `[B, T, H]` (the training loss projects them in chunks)."""
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required with a KV cache: each row sits at its own position")
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        h = self.model.embed_tokens(input_ids)
+        rope = self._rope(positions, h.dtype)
+        ctx = Context(positions, cache, cu_seqlens)
+        for block in self.model.layers:
+            h = block(h, rope, ctx)
+        return self.model.norm(h)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits `[B, T, V]` in the model's dtype."""
+        return self.lm_head(self.hidden_states(input_ids, positions, cache, cu_seqlens))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "Llama":
+        """Load a HF-format checkpoint; None loads the embedded default model."""
+        model_dir = resolve_model_dir(path_or_hub_id)
+        config = LlamaConfig.from_file(model_dir)
+        dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
+        with torch.device("meta"):  # no memory for the random init: weights are assigned below
+            model = cls(config)
+        state = load_state_dict(model_dir, dtype, device)
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{model_dir}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            model.generation_config = json.loads(gen.read_text())
+        model.name_or_path = str(model_dir)
+        return model.eval()
+
+    def save_pretrained(self, out_dir: str | Path, tokenizer: Any = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+        """Write an HF checkpoint (config, generation config, safetensors, tokenizer with template)."""
+        return save_checkpoint(out_dir, self.state_dict(), self.config, tokenizer, self.generation_config or None, max_shard_bytes)
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(dtype, dtype)
+    value = getattr(torch, str(name), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return value

@@ -1,0 +1,171 @@
+"""Finding checkpoints and moving weights in and out of safetensors files.
+
+Weights only ever load from safetensors (never from pickles), one tensor at a time, straight
+into the requested dtype and device.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LlamaConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def eeyore_home() -> Path:
+    return Path(os.environ.get("EEYORE_HOME", Path.home() / ".cache" / "eeyore"))
+
+
+def default_model_dir() -> Path:
+    """Where `python -m eeyore.model.convert` puts the embedded demo model."""
+    return eeyore_home() / "models" / DEFAULT_MODEL_NAME
+
+
+def _hub_cache() -> Path:
+    if "HF_HUB_CACHE" in os.environ:
+        return Path(os.environ["HF_HUB_CACHE"])
+    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return hf_home / "hub"
+
+
+def _hub_snapshot(repo_id: str, kind: str = "models") -> Path | None:
+    """The snapshot of `repo_id` in the local HF cache: the one `refs/main` names, else the newest."""
+    root = _hub_cache() / f"{kind}--{repo_id.replace('/', '--')}"
+    snapshots = root / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = root / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    return candidates[0] if candidates else None
+
+
+def resolve_hub_path(name_or_path: str | Path, kind: str = "models") -> Path:
+    """A local path as is, else a hub id (`ORG/NAME`) looked up in the local HF cache."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if isinstance(name_or_path, str) and name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        snapshot = _hub_snapshot(name_or_path, kind)
+        if snapshot is not None:
+            return snapshot
+    raise FileNotFoundError(
+        f"{name_or_path!r} is neither a local path nor a {kind[:-1]} in the local Hugging Face cache "
+        f"({_hub_cache()}/{kind}--{str(name_or_path).replace('/', '--')}); this machine cannot download it"
+    )
+
+
+def resolve_model_dir(name_or_path: str | Path | None) -> Path:
+    """A checkpoint directory: a local dir, a hub id in the local HF cache, or None for the default model."""
+    if name_or_path is None:
+        from .convert import ensure_default_model  # converts the embedded GGUF once
+
+        return ensure_default_model()
+    path = resolve_hub_path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model checkpoint: it has no config.json")
+    return path
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    found = sorted(model_dir.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{model_dir} has no {SINGLE_FILE}, {INDEX_FILE} or other *.safetensors file")
+    return found
+
+
+def iter_tensors(model_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) pairs one at a time, converted to `dtype` on `device`."""
+    for file in _weight_files(Path(model_dir)):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                yield name, tensor if dtype is None else tensor.to(dtype)
+
+
+def load_state_dict(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return dict(iter_tensors(Path(model_dir), dtype, device))
+
+
+def _shards(state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def default_generation_config(config: LlamaConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"bos_token_id": config.bos_token_id}
+    eos = config.eos_token_id
+    out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if config.pad_token_id is not None:
+        out["pad_token_id"] = config.pad_token_id
+    return out
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    config: LlamaConfig,
+    tokenizer: Any = None,
+    generation_config: dict[str, Any] | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write an HF-format checkpoint that transformers and vLLM load without conversion.
+
+    Every file is written under a temporary name and renamed into place, so a crash never
+    leaves a half-written file that looks complete.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # HF stores tied weights once
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        config.torch_dtype = str(dtypes.pop()).removeprefix("torch.")
+    shards = _shards(tensors, max_shard_bytes)
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for name, shard in zip(names, shards):
+        tmp = out / (name + ".tmp")
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / name)
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_json(out / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(out / "config.json", config.to_hf())
+    _write_json(out / "generation_config.json", generation_config or default_generation_config(config))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
