@@ -159,6 +159,7 @@ def save_checkpoint(
     for name, shard in zip(names, shards):
         tmp = out / (name + ".tmp")
         save_file(shard, str(tmp), metadata={"format": "pt"})
+        tmp.chmod(0o644)  # safetensors creates owner-only files; a checkpoint is meant to be shared
         os.replace(tmp, out / name)
     if len(shards) > 1:
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
