@@ -1,0 +1,248 @@
+"""One SFT optimizer step of eeyore against transformers, and the loss alone against full logits.
+
+    python bench/train_bench.py                     # SmolLM2-135M-Instruct, 4 x 512 real tokens, fp32
+    python bench/train_bench.py --model DIR --batch 2 --seq 1024 --threads 2
+    python bench/train_bench.py --mfu               # CUDA only: MFU of a Llama-3.2-1B-shaped model, bf16
+
+Step: both sides train the same model on the same batch of real conversations (the shared test
+set, ChatML, assistant-only targets): eeyore is `Trainer.train_step` (FSDP2 over a world of one,
+sliced cross-entropy, clipping, AdamW); transformers is `model(input_ids, labels=...)`, backward,
+`clip_grad_norm_`, AdamW. They alternate; time is the median of --steps steps after one warm-up.
+Loss: fp32 forward + backward of the loss of `hidden [seq, H] @ W.T` over a 128256 vocabulary,
+sliced against `F.cross_entropy` on the full logits.
+
+Peak memory on CPU is the highest resident set size seen (sampled every 0.5 ms by a thread) above
+the size when the measured call starts; glibc is told to return freed blocks at once so the
+resident size follows live memory. On CUDA it is `torch.cuda.max_memory_allocated` above the start.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from eeyore.model import Llama, LlamaConfig
+from eeyore.model.chat import ChatTemplate
+from eeyore.model.tokenizer import Tokenizer
+from eeyore.model.weights import resolve_model_dir
+from eeyore.train import sft
+from eeyore.train.data import Row
+from eeyore.train.loss import IGNORE_INDEX, cross_entropy_sum
+from eeyore.train.parallel import data_parallel_mesh, init_distributed, load_sharded, shard_model
+from eeyore.train.trainer import Trainer
+
+PROFILES = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
+
+
+class PeakMemory:
+    """Bytes above the starting level at the highest point inside the `with` block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, self._rss())
+            time.sleep(0.0005)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = self._max = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._max, self._rss()) - self._start
+
+
+def release_freed_memory_at_once() -> None:
+    """glibc keeps freed blocks below its (growing) mmap threshold; fix the threshold low instead."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
+
+
+def real_batch(tok: Tokenizer, batch: int, seq: int) -> sft.SFTBatch:
+    """The first `seq` tokens of `batch` real conversations (profile system prompt first)."""
+    conversations = [r["conversation"] for r in json.loads(PROFILES.read_text())]
+    fmt = sft.SFTFormat("messages", None, True, True, 1 << 30)
+    chat = ChatTemplate.for_tokenizer(tok)
+    examples = [sft.make_example(Row({"messages": conv}, "profiles"), tok, chat, fmt) for conv in conversations]
+    cut = [sft.SFTExample(e.input_ids[:seq], e.labels[:seq]) for e in examples if len(e.input_ids) >= seq]
+    if len(cut) < batch:
+        raise SystemExit(f"only {len(cut)} conversations reach {seq} tokens; lower --seq or --batch")
+    return sft.collate(cut[:batch], tok.pad_id if tok.pad_id is not None else tok.eos_ids[0])
+
+
+def bench_step(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model_dir = resolve_model_dir(args.model)
+    tok = Tokenizer.from_pretrained(model_dir)
+    batch = real_batch(tok, args.batch, args.seq)
+    labels = torch.cat([torch.full((args.batch, 1), IGNORE_INDEX), batch.targets[:, :-1]], 1)  # transformers shifts them itself
+
+    d = init_distributed()
+    ours = load_sharded(str(model_dir), d, zero_stage=2)
+    flags = ["--dataset", "-", "--train_batch_size", str(args.batch), "--micro_train_batch_size", str(args.batch), "--l2", "0.01"]
+    trainer = Trainer(sft.parse_args(flags), d, ours, tok, sft.SFTRecipe(0), [None] * args.batch)
+
+    theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    theirs.train()
+    optimizer = torch.optim.AdamW(theirs.parameters(), lr=5e-6, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+
+    def their_step() -> None:
+        theirs(input_ids=batch.input_ids, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    steps = {"transformers": their_step, "eeyore": lambda: trainer.train_step([batch])}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    peaks: dict[str, int] = {}
+    for name, fn in steps.items():  # warm-up: optimizer state exists before anything is measured
+        fn()
+    for _ in range(args.steps):
+        for name, fn in steps.items():
+            with PeakMemory(torch.device("cpu")) as mem:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks.get(name, 0), mem.peak)
+    print(f"one optimizer step: {model_dir.name}, {args.batch} x {args.seq} tokens of real conversations, fp32, {torch.get_num_threads()} threads")
+    rate = {k: batch.tokens / statistics.median(v) for k, v in times.items()}
+    print(f"{'':14}{'tokens/s':>12}{'peak MiB':>12}")
+    for name in steps:
+        print(f"{name:14}{rate[name]:12.0f}{peaks[name] / 2**20:12.0f}")
+    print(f"{'ratio':14}{rate['eeyore'] / rate['transformers']:11.2f}x{peaks['eeyore'] / peaks['transformers']:11.2f}x")
+
+
+def bench_loss(args: argparse.Namespace) -> None:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(args.loss_seq, args.loss_hidden, generator=g).requires_grad_()
+    weight = (torch.randn(args.loss_vocab, args.loss_hidden, generator=g) * 0.02).requires_grad_()
+    targets = torch.randint(0, args.loss_vocab, (args.loss_seq,), generator=g)
+
+    def naive() -> None:
+        F.cross_entropy((hidden @ weight.t()).float(), targets).backward()
+
+    def ours() -> None:
+        total, count = cross_entropy_sum(hidden, weight, targets)
+        (total / count).backward()
+
+    print(f"\nloss forward + backward: {args.loss_seq} tokens x vocabulary {args.loss_vocab}, hidden {args.loss_hidden}, fp32, every token a target")
+    print(f"{'':14}{'seconds':>12}{'peak MiB':>12}")
+    result: dict[str, tuple[float, int]] = {}
+    for _ in range(args.repeats):  # alternate, keep the fastest time and the highest peak of each
+        for name, fn in (("full logits", naive), ("eeyore", ours)):
+            hidden.grad = weight.grad = None
+            with PeakMemory(torch.device("cpu")) as mem:
+                start = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - start
+            best, peak = result.get(name, (float("inf"), 0))
+            result[name] = (min(best, seconds), max(peak, mem.peak))
+    for name, (seconds, peak) in result.items():
+        print(f"{name:14}{seconds:12.2f}{peak / 2**20:12.0f}")
+    (t0, m0), (t1, m1) = result["full logits"], result["eeyore"]
+    print(f"{'ratio':14}{t0 / t1:11.2f}x{m1 / m0:11.2f}x   (speed-up, memory fraction)")
+
+
+def bench_mfu(args: argparse.Namespace) -> None:
+    """Model FLOPs utilisation of our bf16 training step on a Llama-3.2-1B-shaped model (random weights)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--mfu needs a CUDA device")
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    if peak is None:
+        raise SystemExit(f"unknown peak bf16 FLOP/s for {name}: pass --peak-tflops")
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="float32",
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+    d = init_distributed()
+    with torch.device("meta"):
+        model = Llama(config)
+    shard_model(model, data_parallel_mesh(d, 2), 2, bf16=True, gradient_checkpointing=False)
+    model.to_empty(device=d.device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    model.generation_config = {}
+    flags = ["--dataset", "-", "--train_batch_size", str(args.batch), "--micro_train_batch_size", str(args.batch), "--bf16"]
+    trainer = Trainer(sft.parse_args(flags), d, model, None, sft.SFTRecipe(0), [None] * args.batch)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
+    batch = sft.SFTBatch(ids, ids.roll(-1, 1), ids.numel())
+    for _ in range(2):
+        trainer.train_step([batch])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step([batch])
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    params = sum(p.numel() for p in model.parameters())
+    # PaLM's count: 6 FLOPs per parameter per token (the tied head counted once, the embedding
+    # lookup is free but its matrix is the head's), plus attention's 12 * layers * width * length.
+    flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * args.seq
+    mfu = flops_per_token * ids.numel() / seconds / peak
+    print(f"MFU on {name}: {mfu:.1%} ({ids.numel() / seconds:.0f} tokens/s, {args.batch} x {args.seq}, bf16, peak {peak / 1e12:.0f} TFLOP/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint dir or hub id for the step benchmark (default: the embedded SmolLM2)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (real conversations cut to this length)")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per side (median)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side of the loss benchmark (fastest kept)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
+    parser.add_argument("--loss-seq", type=int, default=4096, help="tokens of the loss benchmark")
+    parser.add_argument("--loss-vocab", type=int, default=128256, help="vocabulary of the loss benchmark")
+    parser.add_argument("--loss-hidden", type=int, default=2048, help="hidden size of the loss benchmark (Llama-3.2-1B's)")
+    parser.add_argument("--only", choices=("step", "loss"), default=None, help="run one of the two CPU benchmarks")
+    parser.add_argument("--mfu", action="store_true", help="CUDA only: MFU of a Llama-3.2-1B-shaped model in bf16 (uses --batch, --seq, --steps)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, when not an H100/H200/A100")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.mfu:
+        bench_mfu(args)
+        return
+    release_freed_memory_at_once()
+    if args.only in (None, "step"):
+        bench_step(args)
+    if args.only in (None, "loss"):
+        bench_loss(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Resumable training checkpoints: everything needed to continue a killed run exactly.
+
+Layout under `--ckpt_path`:
+
+    global_step12/          one complete checkpoint
+        .metadata, *.distcp   model and optimizer, sharded (torch.distributed.checkpoint):
+                              each rank writes its own shards; any world size can read them
+        trainer.pt            step, epoch, position in the epoch, scheduler, recipe state
+        rng_rank{r}.pt        each rank's RNG states
+    latest                  name of the newest complete checkpoint
+
+A checkpoint is written under a temporary name and renamed into place only after every rank
+has finished, so a crash mid-save leaves the previous checkpoint as `latest`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .parallel import Dist
+
+_NAME = re.compile(r"global_step(\d+)")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(
+    ckpt_path: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any], d: Dist, keep: int,
+) -> Path:
+    """Write checkpoint `global_step{step}` atomically and keep only the newest `keep`."""
+    root = Path(ckpt_path)
+    final, tmp = root / f"global_step{step}", root / f"global_step{step}.tmp"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    if d.is_main:
+        torch.save(trainer_state, tmp / "trainer.pt")
+    d.barrier()
+    if d.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name)
+        if keep > 0:
+            for old in sorted(_complete(root), key=_step)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+def latest(ckpt_path: str | Path) -> Path | None:
+    """The newest complete checkpoint under `ckpt_path`, or None."""
+    root = Path(ckpt_path)
+    pointer = root / "latest"
+    if pointer.is_file() and (root / pointer.read_text().strip()).is_dir():
+        return root / pointer.read_text().strip()
+    found = sorted(_complete(root), key=_step)
+    return found[-1] if found else None
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG from `path`; return the trainer state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = path / f"rng_rank{d.rank}.pt"
+    if rng.is_file():  # absent when resuming on more ranks than saved: the data order does not depend on it
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return torch.load(path / "trainer.pt", weights_only=False)
+
+
+def _complete(root: Path) -> list[Path]:
+    return [p for p in root.glob("global_step*") if p.is_dir() and _NAME.fullmatch(p.name)] if root.is_dir() else []
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.fullmatch(path.name).group(1))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,134 @@
+"""Process group, FSDP2 sharding and model loading for training.
+
+One code path for every launch: `torchrun --nproc_per_node=N` sets RANK/WORLD_SIZE; a plain
+`python -m ...` becomes a world of one (an in-memory store, no ports). The model is built on the
+meta device, wrapped with `fully_shard` per block and at the root, materialised empty, and then
+filled from the full state dict that only rank 0 reads from disk (broadcast shard by shard), so
+no rank ever holds a randomly initialised copy.
+
+`--zero_stage` maps onto FSDP2 as DeepSpeed's stages map onto what is partitioned:
+  3   parameters, gradients and optimizer state sharded; blocks re-gather parameters in backward
+      (`reshard_after_forward=True`);
+  2   gradients and optimizer state sharded; gathered parameters are kept from forward to
+      backward (`reshard_after_forward=False`);
+  0/1 replicated: a 2-D mesh (replicate = world, shard = 1), i.e. every rank keeps whole
+      parameters and optimizer state and gradients are all-reduced (FSDP2's HSDP with one shard).
+Embeddings, final norm and lm_head stay with the root group: tied embeddings must live in one
+FSDP group, and the loss reads `lm_head.weight` right after `hidden_states` (the root keeps its
+parameters gathered until backward).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.utils.checkpoint import checkpoint
+
+from eeyore.model import Llama, LlamaConfig
+from eeyore.model.weights import load_state_dict, resolve_model_dir
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun world (NCCL on CUDA, gloo on CPU), or make a world of one."""
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def data_parallel_mesh(d: Dist, zero_stage: int) -> DeviceMesh:
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"--zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    if zero_stage >= 2:
+        return init_device_mesh(d.device.type, (d.world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(d.device.type, (d.world_size, 1), mesh_dim_names=("replicate", "shard"))
+
+
+def enable_activation_checkpointing(block: torch.nn.Module) -> None:
+    """Recompute the block's activations in backward instead of keeping them.
+
+    The forward is replaced on the instance (not wrapped in another module) so parameter names,
+    and hence checkpoints, stay exactly HF's.
+    """
+    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def shard_model(model: Llama, mesh: DeviceMesh, zero_stage: int, bf16: bool, gradient_checkpointing: bool) -> Llama:
+    # bf16 compute copies of fp32 master weights; gradients are reduced (and kept) in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        if gradient_checkpointing:
+            enable_activation_checkpointing(block)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=zero_stage == 3)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "hidden_states")  # the loss calls it, not forward
+    return model
+
+
+def load_sharded(
+    name_or_path: str | None, d: Dist, zero_stage: int = 2, bf16: bool = False, gradient_checkpointing: bool = False
+) -> Llama:
+    """The checkpoint at `name_or_path` (None: the default model) as an FSDP2 model with fp32 master weights."""
+    if d.is_main:  # may convert the default model on first use: once, before the others look
+        resolve_model_dir(name_or_path)
+    d.barrier()
+    model_dir = resolve_model_dir(name_or_path)
+    config = LlamaConfig.from_file(model_dir)
+    with torch.device("meta"):
+        model = Llama(config)
+    shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing)
+    model.to_empty(device=d.device)
+    full = load_state_dict(model_dir, torch.float32) if d.is_main else {}
+    if d.is_main and config.tie_word_embeddings:
+        full["lm_head.weight"] = full["model.embed_tokens.weight"]
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    gen = model_dir / "generation_config.json"
+    model.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
+    model.name_or_path = str(model_dir)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Whole tensors on rank 0's CPU (empty on the other ranks); a collective: call on every rank."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free gathered parameters left over by a forward without backward (evaluation)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

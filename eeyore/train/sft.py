@@ -1,0 +1,217 @@
+"""Supervised fine-tuning: `torchrun --nproc_per_node=N -m eeyore.train.sft` (or plain `python -m`).
+
+The reference's OpenRLHF command runs as is with only the launcher replaced. Records become
+token ids and next-token targets (DESIGN §4):
+
+- chat records (`--apply_chat_template`): with `--multiturn` every assistant turn's content and
+  end-of-turn token are targets; without it only the final assistant turn. Messages after the
+  last assistant turn are dropped, records with no assistant turn are skipped (both counted).
+  `--output_key` appends a response (a string is one assistant message) to the prompt messages.
+- plain-text records: `input_key` is the prompt, `output_key` the response; the response tokens
+  and an appended eos are targets.
+- a sequence longer than `--max_len` keeps its first max_len tokens and its last one becomes eos
+  (a target when it falls inside an assistant turn); records whose prompt (everything before the
+  last trained turn) has >= max_len - 2 tokens are dropped and counted.
+
+The loss of a micro-batch is the mean NLL over its target tokens (fp32 log-softmax, computed in
+row slices by `loss.cross_entropy_sum`); the step averages micro-batches and ranks, as OpenRLHF.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from eeyore.model.chat import ChatTemplate, TemplateError, tokenize_conversation
+from eeyore.model.tokenizer import Tokenizer
+
+from .data import DataError, Row, load_rows
+from .loss import IGNORE_INDEX, cross_entropy_sum
+from .parallel import close_distributed, init_distributed, load_sharded
+from .trainer import Trainer, add_common_args
+
+
+@dataclass
+class SFTFormat:
+    """How records are read: the data flags of the CLI."""
+
+    input_key: str = "input"
+    output_key: str | None = None
+    apply_chat_template: bool = False
+    multiturn: bool = False
+    max_len: int = 2048
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    labels: list[int]  # labels[i] = input_ids[i] where token i is a target, else IGNORE_INDEX
+    truncated: bool = False
+
+
+@dataclass
+class SFTBatch:
+    input_ids: torch.Tensor  # [B, T] right-padded
+    targets: torch.Tensor  # [B, T] the token each position must predict, IGNORE_INDEX where none
+    tokens: int  # real tokens, for throughput
+
+    def to(self, device: torch.device | str) -> "SFTBatch":
+        return SFTBatch(self.input_ids.to(device), self.targets.to(device), self.tokens)
+
+
+def _conversation(row: Row, fmt: SFTFormat) -> tuple[list[dict[str, str]], int]:
+    """The messages of a chat record and how many of them form the prompt of `--output_key`."""
+    value = row.field(fmt.input_key)
+    prompt = [{"role": "user", "content": value}] if isinstance(value, str) else row.messages(fmt.input_key)
+    if fmt.output_key is None:
+        return prompt, 0
+    value = row.field(fmt.output_key)
+    response = [{"role": "assistant", "content": value}] if isinstance(value, str) else row.messages(fmt.output_key)
+    return prompt + response, len(prompt)
+
+
+def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """Ids up to the end of the last assistant turn and the spans to train; None if there is none."""
+    messages, prompt_len = _conversation(row, fmt)
+    try:
+        ids, spans = tokenize_conversation(tok, messages, chat)
+    except TemplateError as exc:
+        raise DataError(f"{row.where}: field {fmt.input_key!r}: {exc}") from None
+    if not fmt.multiturn:  # only the response: the turns after the prompt, else the last turn
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        spans = [s for i, s in zip(turns, spans) if i >= prompt_len] if prompt_len else spans[-1:]
+    if not spans:
+        return None
+    # Stop where the last trained turn ends: what a template writes after it (ChatML's newline)
+    # is never generated, as OpenRLHF's rstrip of the text.
+    return ids[: spans[-1][1]], spans
+
+
+def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]]:
+    if fmt.output_key is None:
+        raise DataError(f"{row.where}: plain-text records need --output_key (or use --apply_chat_template for messages)")
+    prompt = tok.encode(row.text(fmt.input_key))
+    response = tok.encode(row.text(fmt.output_key).rstrip("\n"))
+    if not response or response[-1] != tok.eos_ids[0]:
+        response.append(tok.eos_ids[0])
+    return prompt + response, [(len(prompt), len(prompt) + len(response))]
+
+
+def make_example(row: Row, tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat) -> SFTExample | str:
+    """The example of one record, or why it is left out ("no_assistant" / "too_long")."""
+    made = _chat_tokens(row, tok, chat, fmt) if chat is not None else _text_tokens(row, tok, fmt)
+    if made is None:
+        return "no_assistant"
+    ids, spans = made
+    if spans[-1][0] >= fmt.max_len - 2:  # the prompt of the last trained turn leaves no room
+        return "too_long"
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        labels[start:end] = ids[start:end]
+    if len(ids) <= fmt.max_len:
+        return SFTExample(ids, labels)
+    ids, labels = ids[: fmt.max_len], labels[: fmt.max_len]
+    ids[-1] = tok.eos_ids[0]  # a cut sequence still ends like a finished one
+    if labels[-1] != IGNORE_INDEX:
+        labels[-1] = ids[-1]
+    return SFTExample(ids, labels, truncated=True)
+
+
+def build_examples(rows: Sequence[Row], tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat, desc: str, show: bool = True) -> tuple[list[SFTExample], Counter]:
+    """Tokenize every row; the counter tells how many were dropped and why, and how many were cut."""
+    examples, counts = [], Counter()
+    for row in tqdm(rows, desc=f"tokenizing {desc}", unit="record", disable=not show):
+        made = make_example(row, tok, chat, fmt)
+        if isinstance(made, str):
+            counts[made] += 1
+        else:
+            counts["truncated"] += made.truncated
+            examples.append(made)
+    return examples, counts
+
+
+def collate(examples: Sequence[SFTExample], pad_id: int) -> SFTBatch:
+    """Right-pad; the target of position t is label t + 1 (causal attention needs no padding mask)."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for b, e in enumerate(examples):
+        input_ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        targets[b, : len(e.labels) - 1] = torch.tensor(e.labels[1:])
+    return SFTBatch(input_ids, targets, sum(len(e.input_ids) for e in examples))
+
+
+def sft_loss(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean NLL over the micro-batch's target tokens; logits exist only one row slice at a time."""
+    hidden = model.hidden_states(batch.input_ids)
+    total, count = cross_entropy_sum(hidden, model.lm_head.weight, batch.targets)
+    return total / count.clamp(min=1), {}
+
+
+class SFTRecipe:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def collate(self, examples: list[SFTExample]) -> SFTBatch:
+        return collate(examples, self.pad_id)
+
+    def loss(self, model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return sft_loss(model, batch)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m eeyore.train.sft",
+        description="Supervised fine-tuning on FSDP2 with OpenRLHF's train_sft flags. Launch with "
+        "`torchrun --nproc_per_node=N -m eeyore.train.sft ...` or plain `python -m eeyore.train.sft ...`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_common_args(parser, recipe="sft", max_len=2048, learning_rate=5e-6, max_epochs=2)
+    g = parser.add_argument_group("records")
+    g.add_argument("--input_key", default="input", help="field holding the messages (chat) or the prompt text")
+    g.add_argument("--output_key", default=None, help="field holding the response (string or messages); chat records may leave it out")
+    g.add_argument("--multiturn", action="store_true", help="train on every assistant turn of a conversation, not only the last (needs --apply_chat_template)")
+    args = parser.parse_args(argv)
+    if args.multiturn and not args.apply_chat_template:
+        parser.error("--multiturn needs --apply_chat_template")
+    return args
+
+
+def _load(spec: str, split: str, args: argparse.Namespace, tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat, show: bool) -> list[SFTExample]:
+    rows = load_rows(spec, split, args.max_samples)
+    examples, counts = build_examples(rows, tok, chat, fmt, spec, show)
+    if show:
+        print(
+            f"{spec} [{split}]: {len(examples)} examples from {len(rows)} records; dropped "
+            f"{counts['too_long']} whose prompt has >= max_len-2 = {fmt.max_len - 2} tokens and "
+            f"{counts['no_assistant']} without an assistant turn; cut to max_len: {counts['truncated']}"
+        )
+    return examples
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    d = init_distributed()
+    try:
+        torch.manual_seed(args.seed)
+        model = load_sharded(args.pretrain, d, args.zero_stage, args.bf16, args.gradient_checkpointing)
+        tok = Tokenizer.from_pretrained(model.name_or_path)
+        chat = None
+        if args.apply_chat_template:
+            chat = ChatTemplate.for_tokenizer(tok, args.tokenizer_chat_template)
+            tok.chat_template = chat.source  # the final checkpoint serves with the template it learnt
+        fmt = SFTFormat(args.input_key, args.output_key, args.apply_chat_template, args.multiturn, args.max_len)
+        train = _load(args.dataset, args.dataset_split, args, tok, chat, fmt, d.is_main)
+        evals = _load(args.eval_dataset, args.eval_split, args, tok, chat, fmt, d.is_main) if args.eval_dataset else None
+        pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
+        Trainer(args, d, model, tok, SFTRecipe(pad_id), train, evals).fit()
+    finally:
+        close_distributed()
+
+
+if __name__ == "__main__":
+    main()
