@@ -1,6 +1,7 @@
 """Shared fixtures: the real demo model and the real test conversations."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -23,3 +24,20 @@ def conversations() -> list[list[dict]]:
     if not SHARED_PROFILES.is_file():
         pytest.skip(f"{SHARED_PROFILES} is not available")
     return [record["conversation"] for record in json.loads(SHARED_PROFILES.read_text())]
+
+
+@pytest.fixture(scope="session")
+def llama3_path() -> Path:
+    """Meta's tiktoken-format Llama 3 tokenizer, as the `llama-models` package ships it."""
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None:
+        pytest.skip("llama-models is not installed (pip install --no-deps llama-models)")
+    return Path(spec.submodule_search_locations[0]) / "llama3" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def llama3(llama3_path):
+    """The real Llama 3 tokenizer (no chat template of its own)."""
+    from eeyore.model.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(llama3_path)

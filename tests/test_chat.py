@@ -2,9 +2,6 @@
 conversations."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from eeyore.model.chat import LLAMA3_TEMPLATE, ChatTemplate, TemplateError, tokenize_conversation
@@ -12,11 +9,9 @@ from eeyore.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def llama3() -> Tokenizer:
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None:
-        pytest.skip("llama-models is not installed (pip install --no-deps llama-models)")
-    tok = Tokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "llama3" / "tokenizer.model")
+def llama3(llama3_path) -> Tokenizer:
+    """The real Llama 3 tokenizer carrying the reference's template (a fresh copy: it is changed)."""
+    tok = Tokenizer.from_pretrained(llama3_path)
     tok.chat_template = LLAMA3_TEMPLATE
     return tok
 

@@ -2,7 +2,6 @@
 SentencePiece itself, transformers)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,24 +24,12 @@ VARIED = [
 ]
 
 
-def _llama3_model_path() -> Path:
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None:
-        pytest.skip("llama-models is not installed (pip install --no-deps llama-models)")
-    return Path(spec.submodule_search_locations[0]) / "llama3" / "tokenizer.model"
-
-
 @pytest.fixture(scope="module")
-def llama3() -> Tokenizer:
-    return Tokenizer.from_pretrained(_llama3_model_path())
-
-
-@pytest.fixture(scope="module")
-def meta_llama3():
+def meta_llama3(llama3_path):
     pytest.importorskip("tiktoken")
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 
-    return MetaTokenizer(_llama3_model_path())
+    return MetaTokenizer(llama3_path)
 
 
 def _texts(conversations: list[list[dict]]) -> list[str]:
@@ -80,9 +67,10 @@ def test_llama3_special_ids(llama3):
     assert llama3.decode([128000, 9906, 128009], skip_special_tokens=True) == "Hello"
 
 
-def test_saved_tokenizer_loads_in_transformers(llama3, tmp_path, conversations):
+def test_saved_tokenizer_loads_in_transformers(llama3_path, tmp_path, conversations):
     from transformers import AutoTokenizer
 
+    llama3 = Tokenizer.from_pretrained(llama3_path)  # a copy of its own: the template is changed
     llama3.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     llama3.save_pretrained(tmp_path)
     hf = AutoTokenizer.from_pretrained(tmp_path)

@@ -6,8 +6,6 @@ separately), independently of the prefix-rendering that `tokenize_conversation` 
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,14 +17,6 @@ from eeyore.train.loss import IGNORE_INDEX
 from eeyore.train.sft import SFTFormat, build_examples, collate, make_example
 
 MULTITURN = SFTFormat(input_key="messages", apply_chat_template=True, multiturn=True, max_len=16384)
-
-
-@pytest.fixture(scope="module")
-def llama3() -> Tokenizer:
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None:
-        pytest.skip("llama-models is not installed (pip install --no-deps llama-models)")
-    return Tokenizer.from_pretrained(Path(spec.submodule_search_locations[0]) / "llama3" / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")
