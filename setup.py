@@ -13,6 +13,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.21",
         "sentencepiece>=0.2",
+        "protobuf",  # newest: the runtime must be at least the gencode sentencepiece ships
         "numpy>=1.24",
         "pyarrow>=14",
         "aiohttp>=3.9",

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import base64
 import re
-import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from google.protobuf.message import DecodeError
+from sentencepiece.sentencepiece_model_pb2 import ModelProto, TrainerSpec
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
@@ -148,79 +148,28 @@ def _from_tiktoken(path: Path) -> tuple[Backend, SpecialTokens]:
 
 # --- SentencePiece ---------------------------------------------------------------------------
 
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4  # SentencePiece piece types
-_UNIGRAM, _BPE = 1, 2
+_PieceType = ModelProto.SentencePiece.Type  # NORMAL, UNKNOWN, CONTROL, USER_DEFINED, ...
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError("truncated protobuf varint")
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if byte < 0x80:
-            return value, i
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
-    """(field number, raw value) of one protobuf message: just enough protobuf to read a
-    SentencePiece model without depending on the protobuf package."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            size, i = _varint(buf, i)
-            value, i = buf[i : i + size], i + size
-        elif wire in (1, 5):
-            size = 8 if wire == 1 else 4
-            value, i = buf[i : i + size], i + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if i > len(buf):
-            raise ValueError("truncated protobuf message")
-        yield key >> 3, value
-
-
-def _int32(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value  # negative ints are 10-byte varints
-
-
-def _read_sentencepiece(path: Path) -> dict[str, Any]:
-    """Pieces and the settings of ModelProto that change how text is encoded."""
-    spec: dict[str, Any] = dict(
-        pieces=[], model_type=_UNIGRAM, byte_fallback=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        treat_whitespace_as_suffix=False, charsmap=b"", add_dummy_prefix=True,
-        remove_extra_whitespaces=True, escape_whitespaces=True,
-    )  # fmt: skip
-    trainer = {3: "model_type", 24: "treat_whitespace_as_suffix", 35: "byte_fallback",
-               40: "unk_id", 41: "bos_id", 42: "eos_id", 43: "pad_id"}  # fmt: skip
-    normalizer = {2: "charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}
-    for field, value in _proto_fields(path.read_bytes()):
-        if field == 1:  # SentencePiece {piece = 1, score = 2, type = 3}
-            piece = {1: b"", 2: b"\0\0\0\0", 3: _NORMAL} | dict(_proto_fields(value))
-            spec["pieces"].append((piece[1].decode(), struct.unpack("<f", piece[2])[0], piece[3]))
-        elif field in (2, 3):
-            names = trainer if field == 2 else normalizer
-            for sub, sub_value in _proto_fields(value):
-                if sub in names:
-                    spec[names[sub]] = sub_value if isinstance(sub_value, bytes) else _int32(sub_value)
-    if not spec["pieces"]:
+def _read_sentencepiece(path: Path) -> ModelProto:
+    """The ModelProto of a SentencePiece file; unset settings read as the schema's defaults."""
+    try:
+        proto = ModelProto.FromString(path.read_bytes())
+    except DecodeError as exc:  # not a ValueError: load_tokenizer_model only catches those
+        raise ValueError(f"not a SentencePiece ModelProto ({exc})") from None
+    if not proto.pieces:
         raise ValueError("no pieces found")
-    return spec
+    return proto
 
 
 def _from_sentencepiece(path: Path) -> tuple[Backend, SpecialTokens]:
-    spec = _read_sentencepiece(path)
-    pieces = spec["pieces"]
-    if spec["treat_whitespace_as_suffix"]:
+    proto = _read_sentencepiece(path)
+    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    if trainer.treat_whitespace_as_suffix:
         raise ValueError(f"{path}: SentencePiece models with treat_whitespace_as_suffix are not supported")
-    if spec["model_type"] == _BPE:
-        normal = {p: (-score, i) for i, (p, score, kind) in enumerate(pieces) if kind == _NORMAL}
+    if trainer.model_type == TrainerSpec.ModelType.BPE:
+        normal = {p: (-score, i) for i, (p, score, kind) in enumerate(pieces) if kind == _PieceType.NORMAL}
         # SentencePiece BPE merges the adjacent pair whose union is the best-scored piece.
         merges = sorted(
             (normal[p], p[:k], p[k:]) for p in normal for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal
@@ -228,43 +177,48 @@ def _from_sentencepiece(path: Path) -> tuple[Backend, SpecialTokens]:
         model = models.BPE(
             vocab={p: i for i, (p, _, _) in enumerate(pieces)},
             merges=[(a, b) for _, a, b in merges],
-            unk_token=pieces[spec["unk_id"]][0],
+            unk_token=pieces[trainer.unk_id][0],
             fuse_unk=True,
-            byte_fallback=bool(spec["byte_fallback"]),
+            byte_fallback=trainer.byte_fallback,
         )
-    elif spec["model_type"] == _UNIGRAM:
-        model = models.Unigram([(p, s) for p, s, _ in pieces], spec["unk_id"], bool(spec["byte_fallback"]))
+    elif trainer.model_type == TrainerSpec.ModelType.UNIGRAM:
+        model = models.Unigram([(p, s) for p, s, _ in pieces], trainer.unk_id, trainer.byte_fallback)
     else:
-        raise ValueError(f"{path}: SentencePiece model type {spec['model_type']} (word/char) is not supported")
+        kind = TrainerSpec.ModelType.Name(trainer.model_type)
+        raise ValueError(f"{path}: SentencePiece model type {kind} is not supported")
     backend = Backend(model)
-    space = "▁" if spec["escape_whitespaces"] else " "
-    steps = [normalizers.Precompiled(spec["charsmap"])] if spec["charsmap"] else []
-    if spec["remove_extra_whitespaces"]:
+    space = "▁" if normalizer.escape_whitespaces else " "
+    charsmap = normalizer.precompiled_charsmap
+    steps = [normalizers.Precompiled(charsmap)] if charsmap else []
+    if normalizer.remove_extra_whitespaces:
         steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
-    if spec["add_dummy_prefix"]:
+    if normalizer.add_dummy_prefix:
         steps.append(normalizers.Prepend(space))  # skipped on empty text, as SentencePiece does
-    if spec["escape_whitespaces"]:
+    if normalizer.escape_whitespaces:
         steps.append(normalizers.Replace(" ", "▁"))
     backend.normalizer = normalizers.Sequence(steps)
-    steps = [decoders.Replace("▁", " ")] if spec["escape_whitespaces"] else []
-    if spec["byte_fallback"]:
+    steps = [decoders.Replace("▁", " ")] if normalizer.escape_whitespaces else []
+    if trainer.byte_fallback:
         steps.append(decoders.ByteFallback())
     steps.append(decoders.Fuse())
-    if spec["add_dummy_prefix"]:
+    if normalizer.add_dummy_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
+    special = (_PieceType.CONTROL, _PieceType.UNKNOWN)
     backend.add_special_tokens(
-        [AddedToken(p, special=True, normalized=False) for p, _, kind in pieces if kind in (_CONTROL, _UNKNOWN)]
+        [AddedToken(p, special=True, normalized=False) for p, _, kind in pieces if kind in special]
     )
-    backend.add_tokens([AddedToken(p, special=False, normalized=False) for p, _, kind in pieces if kind == _USER_DEFINED])
+    backend.add_tokens(
+        [AddedToken(p, special=False, normalized=False) for p, _, kind in pieces if kind == _PieceType.USER_DEFINED]
+    )
 
     def piece(index: int) -> str | None:
         return pieces[index][0] if 0 <= index < len(pieces) else None
 
-    bos = piece(spec["bos_id"])
+    bos = piece(trainer.bos_id)
     if bos is not None:
         backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, spec["bos_id"])]
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, trainer.bos_id)]
         )
-    eos = piece(spec["eos_id"])
-    return backend, SpecialTokens(bos, [eos] if eos else [], piece(spec["pad_id"]), piece(spec["unk_id"]))
+    eos = piece(trainer.eos_id)
+    return backend, SpecialTokens(bos, [eos] if eos else [], piece(trainer.pad_id), piece(trainer.unk_id))
