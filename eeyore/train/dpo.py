@@ -1,0 +1,204 @@
+"""DPO on the shared trainer core: `torchrun --nproc_per_node=N -m eeyore.train.dpo ...`.
+
+Accepts the flags of the reference's OpenRLHF DPO script with the same meanings (DESIGN §5),
+plus `--ref_pretrain`, `--label_smoothing`, `--ipo`, `--nll_loss_coef`, `--max_samples` and
+the resume flags shared with SFT. The loop itself is `trainer.Trainer`; this file is the recipe:
+chosen and rejected go through one concatenated forward, their summed response log-probs feed
+`dpo_loss.preference_loss`.
+
+The reference model never trains and never enters the optimizer. Two ways to run it:
+- default: it stays resident, sharded like ZeRO-3 whatever `--zero_stage` (it only runs
+  forward, so gathering one block at a time costs little), and runs each micro-batch under
+  no_grad;
+- `--ref_offload`: its log-probs are computed once, before training, for every train and eval
+  pair, and the reference is then gone: it holds no accelerator memory during training and
+  costs no forward per step. Valid because its log-probs are deterministic (DESIGN §5). When
+  `--ref_pretrain` is the policy's own checkpoint (the default), the policy itself computes
+  them before its first update, so no second model is ever loaded; otherwise the reference is
+  loaded, used and freed before the policy is loaded. A resumed run recomputes them the same
+  way, before the checkpoint is restored.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from eeyore.model.chat import ChatTemplate
+from eeyore.model.tokenizer import Tokenizer
+from eeyore.model.weights import resolve_model_dir
+
+from .data import load_rows
+from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs
+from .dpo_loss import DPOLossConfig, preference_loss, response_logps
+from .parallel import Dist, close_distributed, init_distributed, load_sharded, reshard
+from .trainer import Trainer, add_common_args
+
+
+def sequence_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed and token-mean response log-probs of every row of the batch (one forward)."""
+    hidden = model.hidden_states(batch.input_ids)
+    return response_logps(hidden, model.lm_head.weight, batch.input_ids, batch.response_mask)
+
+
+class DPORecipe:
+    """The DPO objective for `Trainer`: micro-batch in, (loss, metrics) out."""
+
+    def __init__(self, config: DPOLossConfig, pad_id: int, reference: nn.Module | None = None) -> None:
+        self.config, self.pad_id, self.reference = config, pad_id, reference
+
+    def collate(self, pairs: list[PreferencePair]) -> PairBatch:
+        batch = collate_pairs(pairs, self.pad_id)
+        if batch.ref_logps is None and self.reference is None:
+            raise ValueError("no reference log-probs: precompute them (--ref_offload) or give the recipe a reference model")
+        return batch
+
+    def loss(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sums, means = sequence_logps(model, batch)
+        ref = batch.ref_logps
+        if ref is None:
+            with torch.no_grad():
+                ref, _ = sequence_logps(self.reference, batch)
+            reshard(self.reference)
+        n = batch.pairs
+        out = preference_loss(sums[:n], sums[n:], ref[:n], ref[n:], self.config, means[:n])
+        metrics = {
+            "reward_accuracy": out.accuracy,
+            "chosen_reward": out.chosen_rewards.mean(),
+            "rejected_reward": out.rejected_rewards.mean(),
+            "reward_margin": out.margin,
+            "policy_chosen_logps": sums[:n].detach().mean(),
+            "policy_rejected_logps": sums[n:].detach().mean(),
+        }
+        if self.config.nll_loss_coef > 0:
+            metrics["preference_loss"] = out.losses.mean()
+            metrics["nll_loss"] = -means[:n].detach().mean()
+        return out.loss, metrics
+
+
+@torch.no_grad()
+def precompute_reference(model: nn.Module, pairs: list[PreferencePair], micro_batch: int, pad_id: int, d: Dist) -> None:
+    """Fill `pair.ref_logps` for every pair with `model`'s summed log-probs.
+
+    Each rank scores its own share; every rank runs the same number of forwards (a rank with
+    nothing left re-scores pair 0 and discards it), because sharded forwards are collectives.
+    """
+    if not pairs:
+        return
+    model.eval()
+    per_round = micro_batch * d.world_size
+    found = torch.zeros(len(pairs), 2, dtype=torch.float64, device=d.device)
+    rounds = math.ceil(len(pairs) / per_round)
+    for k in tqdm(range(rounds), desc="reference log-probs", unit="batch", disable=not d.is_main):
+        first = k * per_round + d.rank * micro_batch
+        mine = list(range(first, min(first + micro_batch, len(pairs))))
+        batch = collate_pairs([pairs[i] for i in mine or [0]], pad_id).to(d.device)
+        sums, _ = sequence_logps(model, batch)
+        n = batch.pairs
+        for j, i in enumerate(mine):
+            found[i, 0], found[i, 1] = sums[j], sums[n + j]
+    reshard(model)
+    dist.all_reduce(found)  # each pair was scored by exactly one rank
+    for pair, (chosen, rejected) in zip(pairs, found.tolist()):
+        pair.ref_logps = (chosen, rejected)
+
+
+def load_reference(args: argparse.Namespace, d: Dist) -> nn.Module:
+    model = load_sharded(args.ref_pretrain, d, zero_stage=3, bf16=args.bf16)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_tokenizer(args: argparse.Namespace) -> tuple[Tokenizer, ChatTemplate | None]:
+    """The policy's tokenizer, with `--tokenizer_chat_template` (if any) in place so it is saved too."""
+    tokenizer = Tokenizer.from_pretrained(resolve_model_dir(args.pretrain))
+    if not args.apply_chat_template:
+        return tokenizer, None
+    template = ChatTemplate.for_tokenizer(tokenizer, args.tokenizer_chat_template)
+    tokenizer.chat_template = template.source
+    return tokenizer, template
+
+
+def train(args: argparse.Namespace, d: Dist) -> None:
+    tokenizer, template = load_tokenizer(args)
+    fmt = PreferenceFormat(args.prompt_key, args.chosen_key, args.rejected_key, args.apply_chat_template, args.input_template)
+    datasets = {"train": (args.dataset, args.dataset_split)}
+    if args.eval_dataset:
+        datasets["eval"] = (args.eval_dataset, args.eval_split)
+    pairs: dict[str, list[PreferencePair]] = {}
+    for name, (spec, split) in datasets.items():
+        pairs[name], dropped = build_pairs(load_rows(spec, split, args.max_samples), tokenizer, fmt, args.max_len, template, d.is_main)
+        if d.is_main:
+            print(f"{name}: {len(pairs[name])} preference pairs from {spec} ({split}); {dropped} dropped: "
+                  f"prompt of >= max_len - 2 = {args.max_len - 2} tokens")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]
+    every_pair = [p for split_pairs in pairs.values() for p in split_pairs]
+
+    same_reference = resolve_model_dir(args.ref_pretrain) == resolve_model_dir(args.pretrain)
+    reference = None
+    if args.ref_offload and not same_reference:
+        scorer = load_reference(args, d)
+        precompute_reference(scorer, every_pair, args.micro_train_batch_size, pad_id, d)
+        del scorer  # freed before the policy loads: the two never share the accelerator
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    model = load_sharded(args.pretrain, d, args.zero_stage, args.bf16, args.gradient_checkpointing)
+    if args.ref_offload and same_reference:
+        precompute_reference(model, every_pair, args.micro_train_batch_size, pad_id, d)
+    if not args.ref_offload:
+        reference = load_reference(args, d)
+
+    recipe = DPORecipe(loss_config(args), pad_id, reference)
+    Trainer(args, d, model, tokenizer, recipe, pairs["train"], pairs.get("eval")).fit()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node=N -m eeyore.train.dpo",
+        description="Direct preference optimisation (sigmoid DPO, conservative DPO or IPO) of a Llama checkpoint "
+        "on prompt / chosen / rejected records, with OpenRLHF's flags and semantics.",
+    )
+    add_common_args(parser, recipe="dpo", max_len=512, learning_rate=1e-5, max_epochs=1)
+    g = parser.add_argument_group("DPO")
+    g.add_argument("--ref_pretrain", default=None, help="reference model checkpoint (default: --pretrain)")
+    g.add_argument("--ref_offload", action="store_true", help="compute the reference log-probs once before training and keep no reference model during it")
+    g.add_argument("--beta", type=float, default=0.1, help="DPO temperature: rewards are beta * (policy - reference) log-prob")
+    g.add_argument("--label_smoothing", type=float, default=0.0, help="conservative DPO: the assumed probability that a pair's preference is flipped, in [0, 0.5)")
+    g.add_argument("--ipo", action="store_true", help="use the IPO loss (z - 1/(2 beta))^2 instead of the sigmoid loss")
+    g.add_argument("--nll_loss_coef", type=float, default=0.0, help="weight of an added NLL term on the chosen responses (per-sequence token mean)")
+    g = parser.add_argument_group("record fields")
+    g.add_argument("--prompt_key", default=None, help="field with the prompt (messages, or text); without it chosen/rejected are whole conversations sharing all but their last message")
+    g.add_argument("--chosen_key", default="chosen", help="field with the preferred response (messages or text)")
+    g.add_argument("--rejected_key", default="rejected", help="field with the dispreferred response (messages or text)")
+    g.add_argument("--input_template", default=None, help="without --apply_chat_template: a format string for the prompt text, e.g. 'User: {}\\nAssistant: '")
+    args = parser.parse_args(argv)
+    args.ref_pretrain = args.ref_pretrain or args.pretrain
+    try:
+        loss_config(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def loss_config(args: argparse.Namespace) -> DPOLossConfig:
+    return DPOLossConfig(args.beta, args.label_smoothing, args.ipo, args.nll_loss_coef)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    d = init_distributed()
+    torch.manual_seed(args.seed)
+    try:
+        train(args, d)
+    finally:
+        close_distributed()
+
+
+if __name__ == "__main__":
+    main()
