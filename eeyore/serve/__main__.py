@@ -90,7 +90,9 @@ def engine_loader(args: argparse.Namespace) -> Any:
             max_model_len=args.max_model_len, overrides=overrides, prefill_chunk=args.prefill_chunk,
             chat_template=args.chat_template, seed=args.seed,
         )
-        cache_bytes = 2 * engine.cache.k.numel() * engine.cache.k.element_size()
+        c, param = engine.model.config, next(engine.model.parameters())
+        cache_bytes = (2 * c.num_hidden_layers * engine.max_batch_size * c.num_key_value_heads
+                       * engine.max_model_len * c.head_dim * param.element_size())
         logging.getLogger("eeyore.serve").info(
             "loaded %s on %s: context %d, %d slots, KV cache %.2f GiB; defaults %s",
             args.model or DEFAULT_MODEL_NAME, device, engine.max_model_len, engine.max_batch_size,
