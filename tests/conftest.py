@@ -41,3 +41,20 @@ def llama3(llama3_path):
     from eeyore.model.tokenizer import Tokenizer
 
     return Tokenizer.from_pretrained(llama3_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint with a one-byte-per-token tokenizer (serve_fixtures.py)."""
+    from serve_fixtures import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_ckpt):
+    """The same checkpoint in transformers: the reference for greedy output and log-probs."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()

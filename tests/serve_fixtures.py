@@ -48,6 +48,13 @@ def tiny_checkpoint(out_dir: Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
+def hf_greedy(hf, prompt: list[int], max_new_tokens: int, **kw) -> list[int]:
+    """transformers' greedy continuation of `prompt` (new token ids only)."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, **kw)
+    return out[0, len(prompt):].tolist()
+
+
 class LiveServer:
     """The aiohttp app on a free port, served from a background thread's event loop."""
 

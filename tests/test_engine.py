@@ -4,63 +4,45 @@ import gc
 import threading
 
 import pytest
-import torch
-import transformers
 
 from eeyore.serve.engine import Engine
 from eeyore.serve.request import EngineFull
 from eeyore.serve.params import SamplingParams
 from eeyore.serve.text import TextStream
-from serve_fixtures import IM_END, byte_tokenizer, tiny_checkpoint
+from serve_fixtures import IM_END, byte_tokenizer, hf_greedy
 
 PROMPTS = [[5, 6, 7, 8, 9], [100], list(range(30, 60)), [200, 201, 202], [7] * 12, [65, 66], [1, 2, 3, 4], [250, 9]]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def hf(ckpt):
-    return transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-
-
-def hf_greedy(hf, prompt, max_new_tokens, **kw):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens, **kw)
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.parametrize("slots,chunk", [(8, 512), (2, 4)])
-def test_greedy_equals_transformers(ckpt, hf, slots, chunk):
+def test_greedy_equals_transformers(tiny_ckpt, tiny_hf, slots, chunk):
     """More requests than slots and prompts prefilled in chunks of 4: requests join and leave
     the batch (rows move between slots) and every one still matches generate token for token."""
-    with Engine.from_pretrained(ckpt, max_batch_size=slots, max_model_len=128, prefill_chunk=chunk) as engine:
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=slots, max_model_len=128, prefill_chunk=chunk) as engine:
         results = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), progress=False)
     for prompt, result in zip(PROMPTS, results):
-        assert result.token_ids == hf_greedy(hf, prompt, 16)
+        assert result.token_ids == hf_greedy(tiny_hf, prompt, 16)
         assert result.finish_reason == ("stop" if result.token_ids[-1] == IM_END else "length")
 
 
-def test_processors_equal_transformers_in_generate(ckpt, hf):
+def test_processors_equal_transformers_in_generate(tiny_ckpt, tiny_hf):
     """The whole processor chain (bias with a two-token key, repetition penalty, length decay)
     inside greedy decoding, against generate with the same settings."""
     bias = [[[IM_END], -2.0], [[5, 6], 3.0], [[40], 1.5]]
     params = SamplingParams(temperature=0.0, max_tokens=24, repetition_penalty=1.3,
                             sequence_bias=tuple((tuple(k), b) for k, b in bias), exponential_decay_length_penalty=(4, 1.3))
-    with Engine.from_pretrained(ckpt, max_batch_size=4, max_model_len=128) as engine:
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=4, max_model_len=128) as engine:
         results = engine.generate(PROMPTS[:4], params, progress=False)
     for prompt, result in zip(PROMPTS[:4], results):
-        expected = hf_greedy(hf, prompt, 24, repetition_penalty=1.3, sequence_bias=bias,
+        expected = hf_greedy(tiny_hf, prompt, 24, repetition_penalty=1.3, sequence_bias=bias,
                              exponential_decay_length_penalty=(4, 1.3))
         assert result.token_ids == expected
 
 
-def test_shared_prefixes_are_copied_not_recomputed(ckpt, hf):
+def test_shared_prefixes_are_copied_not_recomputed(tiny_ckpt, tiny_hf):
     system = list(range(70, 100))  # a 30-token "system prompt" shared by every request
     prompts = [system + [5, 6], system + [7], system, system[:20] + [1, 2, 3]]
-    with Engine.from_pretrained(ckpt, max_batch_size=5, max_model_len=256) as engine:
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=5, max_model_len=256) as engine:
         started = threading.Event()
         anchor = engine.submit(system + [9], SamplingParams(max_tokens=200, ignore_eos=True), lambda out: started.set())
         assert started.wait(30)  # running: the others find their prefix in its slot
@@ -69,14 +51,14 @@ def test_shared_prefixes_are_copied_not_recomputed(ckpt, hf):
         # the third prompt's last token is left to the decode step, so 29 of its 30 are copied
         assert engine.reused_prefix_tokens == 30 + 30 + 29 + 20
     for prompt, result in zip(prompts, results):
-        assert result.token_ids == hf_greedy(hf, prompt, 12)
+        assert result.token_ids == hf_greedy(tiny_hf, prompt, 12)
 
 
-def test_seeded_request_alone_and_in_a_batch_of_8(ckpt):
+def test_seeded_request_alone_and_in_a_batch_of_8(tiny_ckpt):
     target = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
     others = [SamplingParams(temperature=t, top_k=k, seed=None if i % 2 else i, max_tokens=8 + 3 * i)
               for i, (t, k) in enumerate([(0.0, 50), (1.5, 0), (0.7, 5), (1.0, 0), (1.0, 50), (0.3, 2), (2.0, 0)])]
-    with Engine.from_pretrained(ckpt, max_batch_size=8, max_model_len=128) as engine:
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=8, max_model_len=128) as engine:
         alone = engine.generate([PROMPTS[2]], target, progress=False)[0].token_ids
         batch = engine.generate(PROMPTS[:2] + [PROMPTS[2]] + PROMPTS[3:], others[:2] + [target] + others[2:], progress=False)
         other_seed = engine.generate([PROMPTS[2]], target.updated(seed=99), progress=False)[0].token_ids
@@ -84,10 +66,10 @@ def test_seeded_request_alone_and_in_a_batch_of_8(ckpt):
     assert other_seed != alone
 
 
-def test_stop_strings_across_tokens_and_utf8(ckpt):
+def test_stop_strings_across_tokens_and_utf8(tiny_ckpt):
     """Every byte is a token here, so each stop string spans tokens; the text before it is kept whole."""
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    with Engine.from_pretrained(ckpt, max_batch_size=4, max_model_len=128) as engine:
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=4, max_model_len=128) as engine:
         full = engine.generate([PROMPTS[0]], params, progress=False)[0]
         stop = full.text[6:9]
         cut = engine.generate([PROMPTS[0]], params.updated(stop=("never there", stop)), progress=False)[0]
@@ -110,8 +92,8 @@ def test_text_stream_holds_back_partial_stops_and_characters():
     assert stream.flush() == "l"
 
 
-def test_cancel_frees_the_slot_and_nothing_leaks(ckpt):
-    with Engine.from_pretrained(ckpt, max_batch_size=1, max_queue=1, max_model_len=256) as engine:
+def test_cancel_frees_the_slot_and_nothing_leaks(tiny_ckpt):
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=1, max_queue=1, max_model_len=256) as engine:
         first = threading.Event()
         long = engine.submit(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True), lambda out: first.set())
         assert first.wait(30)
@@ -128,8 +110,8 @@ def test_cancel_frees_the_slot_and_nothing_leaks(ckpt):
         assert len(engine.live) == 0
 
 
-def test_context_limits_are_checked(ckpt):
-    with Engine.from_pretrained(ckpt, max_batch_size=1, max_model_len=32) as engine:
+def test_context_limits_are_checked(tiny_ckpt):
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=1, max_model_len=32) as engine:
         with pytest.raises(ValueError, match="context length is 32"):
             engine.check_prompt([1] * 32, SamplingParams())
         with pytest.raises(ValueError, match="20 in the prompt, 13 to generate"):
@@ -142,8 +124,8 @@ def test_context_limits_are_checked(ckpt):
         assert len(out.token_ids) == 12 and out.finish_reason == "length"
 
 
-def test_final_assistant_message_is_continued(ckpt):
-    with Engine.from_pretrained(ckpt, max_batch_size=1, max_model_len=128) as engine:
+def test_final_assistant_message_is_continued(tiny_ckpt):
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=1, max_model_len=128) as engine:
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I feel"}]
         ids = engine.encode_chat(messages, continue_final=True)
         assert byte_tokenizer().decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nI feel"
@@ -151,11 +133,11 @@ def test_final_assistant_message_is_continued(ckpt):
         assert byte_tokenizer().decode(fresh).endswith("<|im_start|>assistant\n")
 
 
-def test_async_and_sync_offline_generation_agree(ckpt):
+def test_async_and_sync_offline_generation_agree(tiny_ckpt):
     prompts = [[{"role": "user", "content": "hello"}], "plain text prompt", PROMPTS[0]]
     params = [SamplingParams(temperature=0.0, max_tokens=10), SamplingParams(seed=3, max_tokens=10),
               SamplingParams(temperature=0.0, max_tokens=4)]
-    with Engine.from_pretrained(ckpt, max_batch_size=2, max_queue=1, max_model_len=128) as engine:
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=2, max_queue=1, max_model_len=128) as engine:
         sync = engine.generate(prompts, params, progress=False)  # more prompts than the queue bound: offline waits
         both = asyncio.run(engine.agenerate(prompts, params))
     assert [c.token_ids for c in both] == [c.token_ids for c in sync]

@@ -6,28 +6,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-import transformers
 
 from eeyore.serve.engine import Engine
-from serve_fixtures import IM_END, LiveServer, byte_tokenizer, tiny_checkpoint
+from serve_fixtures import IM_END, LiveServer, byte_tokenizer, hf_greedy
 
 KEY = "secret"
 CHAT = [{"role": "system", "content": "You are sad."}, {"role": "user", "content": "How are you today?"}]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def hf(ckpt):
-    return transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def server(ckpt):
-    srv = LiveServer(lambda: Engine.from_pretrained(ckpt, max_batch_size=8, max_model_len=512), api_key=KEY)
+def server(tiny_ckpt):
+    srv = LiveServer(lambda: Engine.from_pretrained(tiny_ckpt, max_batch_size=8, max_model_len=512), api_key=KEY)
     yield srv
     srv.close()
 
@@ -37,18 +26,13 @@ def client(server):
     return server.client()
 
 
-def hf_greedy(hf, prompt, n):
-    with torch.no_grad():
-        return hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n)[0, len(prompt):].tolist()
-
-
 def text_of(ids):
     return byte_tokenizer().decode(ids, skip_special_tokens=True)
 
 
-def test_chat_greedy_equals_transformers(server, client, hf):
+def test_chat_greedy_equals_transformers(server, client, tiny_hf):
     prompt = server.engine.encode_chat(CHAT)
-    expected = hf_greedy(hf, prompt, 20)
+    expected = hf_greedy(tiny_hf, prompt, 20)
     r = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=20)
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == text_of(expected)
@@ -57,19 +41,19 @@ def test_chat_greedy_equals_transformers(server, client, hf):
     assert r.usage.total_tokens == len(prompt) + len(expected)
 
 
-def test_final_assistant_message_is_continued(server, client, hf):
+def test_final_assistant_message_is_continued(server, client, tiny_hf):
     messages = CHAT + [{"role": "assistant", "content": "Honestly, I"}]
     prompt = byte_tokenizer().encode("<|im_start|>system\nYou are sad.<|im_end|>\n<|im_start|>user\n"
                                      "How are you today?<|im_end|>\n<|im_start|>assistant\nHonestly, I")
     r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10)
-    assert r.choices[0].message.content == text_of(hf_greedy(hf, prompt, 10))
+    assert r.choices[0].message.content == text_of(hf_greedy(tiny_hf, prompt, 10))
     assert r.usage.prompt_tokens == len(prompt)
 
 
-def test_completion_from_token_ids_equals_transformers(client, hf):
+def test_completion_from_token_ids_equals_transformers(client, tiny_hf):
     prompt = [10, 20, 30, 40, 50, 60]
     r = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=24)
-    assert r.choices[0].text == text_of(hf_greedy(hf, prompt, 24))
+    assert r.choices[0].text == text_of(hf_greedy(tiny_hf, prompt, 24))
     assert r.usage.prompt_tokens == len(prompt)
 
 
@@ -117,14 +101,14 @@ def test_eos_bias_stops_and_sequence_bias_extension(client):
     assert r.choices[0].message.content == ""
 
 
-def test_logprobs_are_the_models(server, client, hf):
+def test_logprobs_are_the_models(server, client, tiny_hf):
     prompt = server.engine.encode_chat(CHAT)
     r = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0, max_tokens=8,
                                        logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
-    ids = hf_greedy(hf, prompt, 8)
+    ids = hf_greedy(tiny_hf, prompt, 8)
     with torch.no_grad():
-        lp = hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        lp = tiny_hf(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
     assert len(content) == len(ids)
     for i, (entry, token) in enumerate(zip(content, ids)):
         assert entry.logprob == pytest.approx(float(lp[i, token]), abs=1e-4)
@@ -146,9 +130,9 @@ def test_same_tokens_alone_and_in_a_batch_of_8(client):
     assert results[3].choices[0].message.content == alone
 
 
-def test_32_concurrent_clients(server, hf):
+def test_32_concurrent_clients(server, tiny_hf):
     messages = [[{"role": "user", "content": f"client {i}: " + "x" * (i % 5)}] for i in range(32)]
-    expected = [text_of(hf_greedy(hf, server.engine.encode_chat(m), 12)) for m in messages]
+    expected = [text_of(hf_greedy(tiny_hf, server.engine.encode_chat(m), 12)) for m in messages]
 
     def ask(m):  # a client each, as 32 separate programs would
         return server.client().chat.completions.create(model="tiny", messages=m, temperature=0, max_tokens=12)
