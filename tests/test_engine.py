@@ -54,6 +54,22 @@ def test_shared_prefixes_are_copied_not_recomputed(tiny_ckpt, tiny_hf):
         assert result.token_ids == hf_greedy(tiny_hf, prompt, 12)
 
 
+def test_next_turn_reuses_the_finished_turns_entries(tiny_ckpt, tiny_hf):
+    """A conversation's next turn resends the history: only what is new is prefilled."""
+    a, b = list(range(40, 60)), list(range(100, 130))
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=2, max_model_len=256) as engine:
+        # a (slot 0) leaves first: b moves to slot 0 and a's entries are swapped into slot 1
+        ra, rb = engine.generate([a, b], [greedy.updated(max_tokens=4), greedy.updated(max_tokens=12)], progress=False)
+        follow_up = a + ra.token_ids + [9, 9]
+        before = engine.reused_prefix_tokens
+        # it lands in slot 0 (b's retired slot) and copies a's entries back from slot 1
+        result = engine.generate([follow_up], SamplingParams(temperature=0.0, max_tokens=8), progress=False)[0]
+        assert engine.reused_prefix_tokens - before == len(a) + len(ra.token_ids) - 1
+    assert rb.token_ids == hf_greedy(tiny_hf, b, 12, min_new_tokens=12)
+    assert result.token_ids == hf_greedy(tiny_hf, follow_up, 8)
+
+
 def test_seeded_request_alone_and_in_a_batch_of_8(tiny_ckpt):
     target = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
     others = [SamplingParams(temperature=t, top_k=k, seed=None if i % 2 else i, max_tokens=8 + 3 * i)

@@ -71,7 +71,11 @@ class Engine:
         self.cache: KVCache | None = None  # allocated by the worker thread: see `_run`
         self.sampler = Sampler(config.vocab_size, self.eos_ids, seed)
         self.live: weakref.WeakSet[Request] = weakref.WeakSet()  # lets tests see that nothing leaks
-        self.reused_prefix_tokens = 0  # prompt tokens copied from a running row instead of computed
+        self.reused_prefix_tokens = 0  # prompt tokens taken from the cache instead of computed
+        # Free slots keep the keys and values of the request that left them, until overwritten:
+        # slot -> the tokens whose entries are there. A follow-up request (the next turn of a
+        # conversation resends the whole history) then prefills only what is new.
+        self._retired: dict[int, list[int]] = {}
         self._ids = itertools.count()
         self._inbox: deque[Request] = deque()
         self._wake = threading.Condition()
@@ -355,36 +359,49 @@ class Engine:
         before = len(running)
         for i in sorted(indices, reverse=True):  # later leavers first: the last row is never one
             last = len(running) - 1
-            if i != last:
+            cached = running[i].row.tokens[:-1]  # the last sampled token was never fed
+            if i != last:  # swap slots, so the leaver's entries stay in the cache at `last`
+                self._swap_slots(i, last, len(cached), len(running[last].row.tokens) - 1)
                 running[i] = running[last]
-                self._copy_slot(last, i, len(running[i].row.tokens) - 1)
+            self._retired[last] = cached
             running.pop()
         if self._prefilling is not None and self._prefilling.prefilled:
             self._copy_slot(before, len(running), self._prefilling.prefilled)
         self._rows_changed = True
 
     def _reuse_prefix(self, req: Request, slot: int) -> None:
-        """Copy the cached keys and values of the longest prompt prefix shared with a running row
-        instead of computing them again (attention is causal: the same tokens give the same
-        entries). A profile's system prompt, or the prompt of n > 1 choices, is prefilled once."""
+        """Take the cached keys and values of the longest prompt prefix shared with a running row
+        or a retired slot instead of computing them again (attention is causal: the same tokens
+        give the same entries). A profile's system prompt, the prompt of n > 1 choices, or the
+        history a conversation's next turn resends, is prefilled once."""
         limit, best, src = len(req.prompt) - 1, 0, -1
-        for i, other in enumerate(self._running):
-            tokens = other.row.tokens
-            n = min(limit, len(tokens) - 1)  # positions of `other` already in the cache
+        cached = [(i, other.row.tokens[:-1]) for i, other in enumerate(self._running)]
+        for i, tokens in [*cached, *self._retired.items()]:
+            n = min(limit, len(tokens))
             k = 0
             while k < n and tokens[k] == req.prompt[k]:
                 k += 1
-            if k > best:
+            if k > best or (k == best and i == slot):  # ties: the slot itself needs no copy
                 best, src = k, i
-        if best >= MIN_SHARED_PREFIX:
+        if best >= MIN_SHARED_PREFIX and src != slot:
             self._copy_slot(src, slot, best)
+        self._retired.pop(slot, None)  # the new request writes here from now on
+        if best >= MIN_SHARED_PREFIX:
             req.prefilled = best
             self.reused_prefix_tokens += best
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot `src` into slot `dst`."""
+        self._retired.pop(dst, None)
         for t in (self.cache.k, self.cache.v):
             t[:, dst, :, :length] = t[:, src, :, :length]
+
+    def _swap_slots(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchange the first cached positions of two slots (`length_a` of a's, `length_b` of b's)."""
+        for t in (self.cache.k, self.cache.v):
+            kept = t[:, a, :, :length_a].clone()
+            t[:, a, :, :length_b] = t[:, b, :, :length_b]
+            t[:, b, :, :length_a] = kept
 
     def _fail_all(self, message: str, waiting: bool) -> None:
         reqs = self._running + ([self._prefilling] if self._prefilling else [])
@@ -397,6 +414,7 @@ class Engine:
         for r in reqs:
             r.emit(Output([], message, [], [], "error", len(r.prompt), r.generated))
         self._running, self._prefilling, self._rows_changed = [], None, True
+        self._retired.clear()  # a failed step may have left any slot half-written
 
 
 def _raise_failed(results: list[Completion]) -> list[Completion]:
