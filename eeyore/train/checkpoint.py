@@ -32,7 +32,10 @@ _NAME = re.compile(r"global_step(\d+)")
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # Only tensors and plain Python values, so resuming loads with `weights_only=True` (no pickles).
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -41,7 +44,8 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -92,8 +96,8 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng_rank{d.rank}.pt"
     if rng.is_file():  # absent when resuming on more ranks than saved: the data order does not depend on it
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return torch.load(path / "trainer.pt", weights_only=False)
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return torch.load(path / "trainer.pt", weights_only=True)
 
 
 def _complete(root: Path) -> list[Path]:
