@@ -20,6 +20,7 @@ parameters gathered until backward).
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ def init_distributed() -> Dist:
 
 
 def close_distributed() -> None:
+    # Free what the finished run left in reference cycles (FSDP state, DTensors, pending work
+    # handles) on this thread while the group is alive: were the last reference to a gloo group
+    # dropped later, on one of its own worker threads or at interpreter exit, the process would
+    # abort after a successful run.
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 
