@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import LlamaConfig
 from .kv_cache import KVCache
+from .linear import linear
 from .weights import load_state_dict, resolve_model_dir, save_checkpoint
 
 try:  # flash-attn is an optional CUDA-only build
@@ -47,25 +48,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (no bias) with a faster product for the few rows of a CPU decode step.
-
-    For a handful of rows, MKL's `F.linear` on this class of CPU takes a path that streams the
-    weight once per row; `weight @ x.T` with at least two columns streams it once for all rows,
-    2-5x faster at batch 1-16 (bench/model_bench.py). A single row is padded to two. Training,
-    prefill and CUDA keep `F.linear`.
-    """
-
-    SMALL_BATCH = 32
+    """`nn.Linear` without bias whose product is `linear.linear` (oneDNN for CPU fp32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if x.is_cuda or rows > self.SMALL_BATCH or torch.is_grad_enabled():
-            return F.linear(x, self.weight)
-        flat = x.reshape(rows, x.shape[-1])
-        if rows == 1:
-            flat = flat.expand(2, -1).contiguous()
-        out = (self.weight @ flat.T)[:, :rows].T.contiguous()
-        return out.view(*x.shape[:-1], -1)
+        return linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):

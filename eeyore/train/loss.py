@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from eeyore.model.linear import linear
+
 IGNORE_INDEX = -100
 _BLOCK_BYTES = 256 * 2**20  # fp32 logits per slice: 512 rows at V = 128256
 
@@ -36,7 +38,7 @@ def _flatten(hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 
 def _block_logits(hidden: Tensor, weight: Tensor) -> Tensor:
     # The matmul runs in the parameter dtype (bf16 under mixed precision); softmax statistics in fp32.
-    return (hidden @ weight.t()).float()
+    return linear(hidden, weight).float()
 
 
 def _softmax_(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,7 +97,7 @@ def _backprop_block(grad_logits: Tensor, h: Tensor, weight: Tensor, idx: Tensor,
     """grad_h[idx] = grad_logits @ W and grad_w += grad_logits.T @ h (fp32 accumulation)."""
     g = grad_logits.to(weight.dtype)
     if grad_h is not None:
-        grad_h.index_copy_(0, idx, g @ weight)
+        grad_h.index_copy_(0, idx, linear(g, weight.t()))
     if grad_w is not None:
         _add_outer(grad_w, g, h)
 
