@@ -35,8 +35,8 @@ class _OneDNNLinear(torch.autograd.Function):
         grad_x = _inner_product(grad, weight.t()) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-            grad_w = _inner_product(rows[0].t(), rows[1].t())
+            grad_rows, x_rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_w = _inner_product(grad_rows.t(), x_rows.t())
         return grad_x, grad_w
 
 
