@@ -1,4 +1,5 @@
 """DPO training end to end on a tiny random checkpoint, with pairs cut from the real conversations."""
+import argparse
 import json
 import math
 import os
@@ -11,9 +12,10 @@ import torch
 import transformers
 
 from eeyore.model import Llama
-from eeyore.train.dpo import DPORecipe, main
-from eeyore.train.dpo_data import PreferencePair
+from eeyore.train.dpo import DPORecipe, load_reference, main, sequence_logps
+from eeyore.train.dpo_data import PreferencePair, collate_pairs
 from eeyore.train.dpo_loss import DPOLossConfig
+from eeyore.train.parallel import close_distributed, init_distributed, load_sharded
 from serve_fixtures import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,3 +148,18 @@ def test_reference_command_line_parses():
     assert (args.max_len, args.learning_rate, args.beta, args.zero_stage, args.prompt_key) == (5120, 5e-7, 0.1, 3, "prompt")
     assert args.ref_offload and args.bf16 and args.apply_chat_template and args.ref_pretrain == "sft"
     assert (args.label_smoothing, args.ipo, args.nll_loss_coef) == (0.0, False, 0.0)
+
+
+def test_bf16_reference_keeps_bf16_shards_and_scores_like_the_policy(ckpt):
+    d = init_distributed()
+    try:
+        reference = load_reference(argparse.Namespace(ref_pretrain=str(ckpt), bf16=True), d)
+        policy = load_sharded(str(ckpt), d, zero_stage=3, bf16=True)  # fp32 master weights, bf16 compute
+        assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in policy.parameters()} == {torch.float32}
+        batch = collate_pairs([PreferencePair([5, 6, 7, 8], [5, 6, 9], 2), PreferencePair([1, 2, 3], [1, 2, 4, 4], 2)], 0)
+        with torch.no_grad():
+            ours, theirs = sequence_logps(reference, batch)[0], sequence_logps(policy, batch)[0]
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    finally:
+        close_distributed()

@@ -109,7 +109,9 @@ def precompute_reference(model: nn.Module, pairs: list[PreferencePair], micro_ba
 
 
 def load_reference(args: argparse.Namespace, d: Dist) -> nn.Module:
-    model = load_sharded(args.ref_pretrain, d, zero_stage=3, bf16=args.bf16)
+    # Frozen: under --bf16 it computes in bf16 anyway, so its shards are kept in bf16 too.
+    store = torch.bfloat16 if args.bf16 else torch.float32
+    model = load_sharded(args.ref_pretrain, d, zero_stage=3, bf16=args.bf16, store_dtype=store)
     model.requires_grad_(False)
     return model.eval()
 

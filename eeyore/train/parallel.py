@@ -106,19 +106,25 @@ def shard_model(model: Llama, mesh: DeviceMesh, zero_stage: int, bf16: bool, gra
 
 
 def load_sharded(
-    name_or_path: str | None, d: Dist, zero_stage: int = 2, bf16: bool = False, gradient_checkpointing: bool = False
+    name_or_path: str | None, d: Dist, zero_stage: int = 2, bf16: bool = False, gradient_checkpointing: bool = False,
+    store_dtype: torch.dtype = torch.float32,
 ) -> Llama:
-    """The checkpoint at `name_or_path` (None: the default model) as an FSDP2 model with fp32 master weights."""
+    """The checkpoint at `name_or_path` (None: the default model) as an FSDP2 model.
+
+    Its shards are kept in `store_dtype`: fp32 master weights for a model that trains; a frozen
+    model that computes in bf16 anyway (the DPO reference under `--bf16`) can keep bf16 shards,
+    which gives the same outputs at half the memory.
+    """
     if d.is_main:  # may convert the default model on first use: once, before the others look
         resolve_model_dir(name_or_path)
     d.barrier()
     model_dir = resolve_model_dir(name_or_path)
     config = LlamaConfig.from_file(model_dir)
     with torch.device("meta"):
-        model = Llama(config)
+        model = Llama(config).to(store_dtype)
     shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing)
     model.to_empty(device=d.device)
-    full = load_state_dict(model_dir, torch.float32) if d.is_main else {}
+    full = load_state_dict(model_dir, store_dtype) if d.is_main else {}
     if d.is_main and config.tie_word_embeddings:
         full["lm_head.weight"] = full["model.embed_tokens.weight"]
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
