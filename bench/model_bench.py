@@ -6,6 +6,7 @@
 Both sides run in this process with the same thread count, alternating, best of --repeats.
 Decode: ours is the KV-cache step loop (prefill, then one token per step for every row); theirs is
 `generate(do_sample=False)` with its default dynamic cache. Ratios > 1 mean eeyore is faster.
+Our fp32 CPU weights are packed for oneDNN as the engine packs them (`--plain-weights`: not).
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens generated per row")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
+    parser.add_argument("--plain-weights", action="store_true",
+                        help="do not pack our fp32 CPU weights for oneDNN (the engine packs them)")
     args = parser.parse_args()
 
     import transformers
@@ -67,6 +70,8 @@ def main() -> None:
     model_dir = resolve_model_dir(args.model)
     dtype = resolve_dtype(args.dtype)
     ours = Llama.from_pretrained(model_dir, dtype=dtype)
+    if not args.plain_weights:
+        ours.pack_for_cpu_inference()  # what the engine does with the model it serves
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     vocab = ours.config.vocab_size
     print(f"model {model_dir.name}  dtype {dtype}  threads {args.threads}")

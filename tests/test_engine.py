@@ -4,6 +4,7 @@ import gc
 import threading
 
 import pytest
+import torch
 
 from eeyore.serve.engine import Engine
 from eeyore.serve.request import EngineFull
@@ -20,6 +21,7 @@ def test_greedy_equals_transformers(tiny_ckpt, tiny_hf, slots, chunk):
     the batch (rows move between slots) and every one still matches generate token for token."""
     with Engine.from_pretrained(tiny_ckpt, max_batch_size=slots, max_model_len=128, prefill_chunk=chunk) as engine:
         results = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), progress=False)
+        assert engine.model.lm_head.weight.layout == torch._mkldnn  # its own model: packed for inference
     for prompt, result in zip(PROMPTS, results):
         assert result.token_ids == hf_greedy(tiny_hf, prompt, 16)
         assert result.finish_reason == ("stop" if result.token_ids[-1] == IM_END else "length")

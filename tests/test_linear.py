@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eeyore.model.linear import ONEDNN, linear, uses_onednn
+from eeyore.model.linear import ONEDNN, linear, pack_weight, uses_onednn
 
 
 def test_the_cpu_wheel_has_onednn():
@@ -53,3 +53,13 @@ def test_other_dtypes_and_empty_inputs_take_f_linear():
     assert not uses_onednn(torch.randn(2, 64, dtype=torch.bfloat16), w.bfloat16())
     assert not uses_onednn(torch.randn(0, 64), w)
     assert linear(torch.randn(0, 64), w).shape == (0, 96)
+
+
+def test_packed_weight_gives_the_same_products():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 7, 64), torch.randn(96, 64)
+    packed = pack_weight(w)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, packed), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        linear(x.requires_grad_(), packed)

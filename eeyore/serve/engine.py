@@ -57,6 +57,7 @@ class Engine:
         prefill_chunk: int = 512,
         chat_template: str | None = None,
         seed: int | None = None,
+        pack_weights: bool = False,
     ) -> None:
         config = model.config
         self.model, self.tokenizer = model, tokenizer
@@ -72,6 +73,7 @@ class Engine:
         self.sampler = Sampler(config.vocab_size, self.eos_ids, seed)
         self.live: weakref.WeakSet[Request] = weakref.WeakSet()  # lets tests see that nothing leaks
         self.reused_prefix_tokens = 0  # prompt tokens taken from the cache instead of computed
+        self.pack_weights = pack_weights
         # Free slots keep the keys and values of the request that left them, until overwritten:
         # slot -> the tokens whose entries are there. A follow-up request (the next turn of a
         # conversation resends the whole history) then prefills only what is new.
@@ -92,6 +94,7 @@ class Engine:
                         device: str = "cpu", **kwargs: Any) -> "Engine":
         """Load a checkpoint (None: the embedded default model) and its tokenizer."""
         model_dir = resolve_model_dir(model)
+        kwargs.setdefault("pack_weights", True)  # the model is the engine's own: it may become inference-only
         return cls(Llama.from_pretrained(model_dir, dtype, device), Tokenizer.from_pretrained(model_dir), **kwargs)
 
     # ------------------------------------------------------------------ callers' side
@@ -261,9 +264,11 @@ class Engine:
     # ------------------------------------------------------------------ the worker
 
     def _run(self) -> None:
-        # All tensor work happens on this thread, the cache's first fill included: once a thread
-        # has run an OpenMP parallel region, libgomp runs another thread's regions about 2x
-        # slower on this 2-core CPU (measured: 22 vs 42 tok/s at batch 1).
+        # All tensor work happens on this thread, weight packing and the cache's first fill
+        # included: once a thread has run an OpenMP parallel region, libgomp runs another
+        # thread's regions about 2x slower on this 2-core CPU (measured: 22 vs 42 tok/s at batch 1).
+        if self.pack_weights:  # inference-only from here: see Llama.pack_for_cpu_inference
+            self.model.pack_for_cpu_inference()
         if self.cache is None:
             dtype = next(self.model.parameters()).dtype
             self.cache = KVCache(self.model.config, self.max_batch_size, self.max_model_len, dtype, self.device)
