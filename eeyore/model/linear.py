@@ -4,8 +4,8 @@ On CPU in fp32, `F.linear` calls MKL's sgemm, which on this project's CPUs (AMD 
 runs about half as fast as oneDNN's inner product at every row count, from a one-token decode
 step to a 2048-token training batch (bench/model_bench.py, BENCHMARKS.md). PyTorch's own
 compiler (Inductor) calls oneDNN on CPU through `torch.ops.mkldnn._linear_pointwise`; so do we,
-on the plain weight (no packed copy, no extra memory). bf16 already goes through oneDNN in
-`F.linear`, and CUDA keeps cuBLAS, so both take `F.linear`.
+on the plain weight (training, any caller) or on a packed one (below). bf16 already goes through
+oneDNN in `F.linear`, and CUDA keeps cuBLAS, so both take `F.linear`.
 
 With gradients on, a small autograd function runs the two backward products through oneDNN too
 (grad_x = grad @ W, grad_W = grad.T @ x).
@@ -45,6 +45,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 PACK_ROWS_HINT = 16  # the row count oneDNN blocks the weight for; 1-512 rows all run well with it
+
+
+def packable(weight: torch.Tensor) -> bool:
+    return weight.layout == torch.strided and uses_onednn(weight, weight)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import LlamaConfig
 from .kv_cache import KVCache
-from .linear import linear, pack_weight, uses_onednn
+from .linear import linear, pack_weight, packable
 from .weights import load_state_dict, resolve_model_dir, save_checkpoint
 
 try:  # flash-attn is an optional CUDA-only build
@@ -239,7 +239,7 @@ class Llama(nn.Module):
         only run inference: no gradients, no `save_pretrained`.
         """
         for module in self.modules():
-            if isinstance(module, Linear) and module.weight.layout == torch.strided and uses_onednn(module.weight, module.weight):
+            if isinstance(module, Linear) and packable(module.weight):
                 packed = pack_weight(module.weight)
                 del module.weight  # the parameter goes; a plain tensor attribute takes its name
                 module.weight = packed
