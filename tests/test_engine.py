@@ -160,3 +160,17 @@ def test_async_and_sync_offline_generation_agree(tiny_ckpt):
         both = asyncio.run(engine.agenerate(prompts, params))
     assert [c.token_ids for c in both] == [c.token_ids for c in sync]
     assert [len(c.token_ids) for c in sync][2] == 4 and sync[0].prompt_tokens == len(engine.encode_chat(prompts[0]))
+
+
+def test_a_failed_set_up_is_raised_by_start(tiny_ckpt, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise MemoryError("cannot allocate the KV cache")
+
+    monkeypatch.setattr("eeyore.serve.engine.KVCache", no_memory)
+    engine = Engine.from_pretrained(tiny_ckpt, max_batch_size=2, max_model_len=64)
+    with pytest.raises(MemoryError, match="KV cache"):
+        engine.start()
+    monkeypatch.undo()
+    with engine:  # nothing was left half-started: a second start works
+        result = engine.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3), progress=False)[0]
+    assert len(result.token_ids) == 3

@@ -100,10 +100,18 @@ class Engine:
     # ------------------------------------------------------------------ callers' side
 
     def start(self) -> "Engine":
+        """Start the worker; raises what its set-up raised (packing, the KV cache allocation)."""
         if self._thread is None:
             self._closing = False
-            self._thread = threading.Thread(target=self._run, name="eeyore-engine", daemon=True)
+            ready: list[BaseException | None] = []
+            self._thread = threading.Thread(target=self._run, args=(ready,), name="eeyore-engine", daemon=True)
             self._thread.start()
+            with self._wake:
+                self._wake.wait_for(lambda: ready)
+            if ready[0] is not None:
+                self._thread.join()
+                self._thread = None
+                raise ready[0]
         return self
 
     def close(self) -> None:
@@ -263,8 +271,8 @@ class Engine:
 
     # ------------------------------------------------------------------ the worker
 
-    def _run(self) -> None:
-        # All tensor work happens on this thread, weight packing and the cache's first fill
+    def _set_up(self) -> None:
+        # All tensor work happens on the worker thread, weight packing and the cache's first fill
         # included: once a thread has run an OpenMP parallel region, libgomp runs another
         # thread's regions about 2x slower on this 2-core CPU (measured: 22 vs 42 tok/s at batch 1).
         if self.pack_weights:  # inference-only from here: see Llama.pack_for_cpu_inference
@@ -272,6 +280,18 @@ class Engine:
         if self.cache is None:
             dtype = next(self.model.parameters()).dtype
             self.cache = KVCache(self.model.config, self.max_batch_size, self.max_model_len, dtype, self.device)
+
+    def _run(self, ready: list[BaseException | None]) -> None:
+        error = None
+        try:
+            self._set_up()
+        except BaseException as exc:  # handed to start(), which raises it on the caller's thread
+            error = exc
+        with self._wake:
+            ready.append(error)
+            self._wake.notify_all()
+        if error is not None:
+            return
         with torch.inference_mode():
             while self._take_inbox():
                 try:
