@@ -92,9 +92,13 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str | Path | None = None, dtype: str | torch.dtype | None = None,
                         device: str = "cpu", **kwargs: Any) -> "Engine":
-        """Load a checkpoint (None: the embedded default model) and its tokenizer."""
+        """Load a checkpoint (None: the embedded default model) and its tokenizer.
+
+        The model is the engine's own, so by default (`pack_weights=True`) the worker packs its
+        fp32 CPU weights for faster decoding, which leaves it inference-only.
+        """
         model_dir = resolve_model_dir(model)
-        kwargs.setdefault("pack_weights", True)  # the model is the engine's own: it may become inference-only
+        kwargs.setdefault("pack_weights", True)
         return cls(Llama.from_pretrained(model_dir, dtype, device), Tokenizer.from_pretrained(model_dir), **kwargs)
 
     # ------------------------------------------------------------------ callers' side
