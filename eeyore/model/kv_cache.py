@@ -37,6 +37,18 @@ class KVCache:
             raise IndexError(f"slots [{start}, {stop}) outside a cache of {self.slots} slots")
         return KVCache(self.config, 0, self.max_len, _views=(self.k[:, start:stop], self.v[:, start:stop]))
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of slot `src` into slot `dst`."""
+        for t in (self.k, self.v):
+            t[:, dst, :, :length] = t[:, src, :, :length]
+
+    def swap_slots(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchange the first cached positions of two slots (`length_a` of a's, `length_b` of b's)."""
+        for t in (self.k, self.v):
+            kept = t[:, a, :, :length_a].clone()
+            t[:, a, :, :length_b] = t[:, b, :, :length_b]
+            t[:, b, :, :length_a] = kept
+
     def attention_mask(self, positions: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mask `[B, 1, T, L]` (True = attend) over the first L cached positions, and L."""
         kv_len = int(positions.max()) + 1

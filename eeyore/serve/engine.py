@@ -390,7 +390,7 @@ class Engine:
             last = len(running) - 1
             cached = running[i].row.tokens[:-1]  # the last sampled token was never fed
             if i != last:  # swap slots, so the leaver's entries stay in the cache at `last`
-                self._swap_slots(i, last, len(cached), len(running[last].row.tokens) - 1)
+                self.cache.swap_slots(i, last, len(cached), len(running[last].row.tokens) - 1)
                 running[i] = running[last]
             self._retired[last] = cached
             running.pop()
@@ -406,10 +406,7 @@ class Engine:
         limit, best, src = len(req.prompt) - 1, 0, -1
         cached = [(i, other.row.tokens[:-1]) for i, other in enumerate(self._running)]
         for i, tokens in [*cached, *self._retired.items()]:
-            n = min(limit, len(tokens))
-            k = 0
-            while k < n and tokens[k] == req.prompt[k]:
-                k += 1
+            k = _shared_prefix_length(tokens, req.prompt, limit)
             if k > best or (k == best and i == slot):  # ties: the slot itself needs no copy
                 best, src = k, i
         if best >= MIN_SHARED_PREFIX and src != slot:
@@ -420,17 +417,8 @@ class Engine:
             self.reused_prefix_tokens += best
 
     def _copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` cached positions of slot `src` into slot `dst`."""
-        self._retired.pop(dst, None)
-        for t in (self.cache.k, self.cache.v):
-            t[:, dst, :, :length] = t[:, src, :, :length]
-
-    def _swap_slots(self, a: int, b: int, length_a: int, length_b: int) -> None:
-        """Exchange the first cached positions of two slots (`length_a` of a's, `length_b` of b's)."""
-        for t in (self.cache.k, self.cache.v):
-            kept = t[:, a, :, :length_a].clone()
-            t[:, a, :, :length_b] = t[:, b, :, :length_b]
-            t[:, b, :, :length_a] = kept
+        self._retired.pop(dst, None)  # whatever was kept in dst is overwritten
+        self.cache.copy_slot(src, dst, length)
 
     def _fail_all(self, message: str, waiting: bool) -> None:
         reqs = self._running + ([self._prefilling] if self._prefilling else [])
@@ -444,6 +432,14 @@ class Engine:
             r.emit(Output([], message, [], [], "error", len(r.prompt), r.generated))
         self._running, self._prefilling, self._rows_changed = [], None, True
         self._retired.clear()  # a failed step may have left any slot half-written
+
+
+def _shared_prefix_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    n = min(limit, len(a), len(b))
+    k = 0
+    while k < n and a[k] == b[k]:
+        k += 1
+    return k
 
 
 def _raise_failed(results: list[Completion]) -> list[Completion]:
