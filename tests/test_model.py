@@ -56,23 +56,6 @@ def test_logits_match_transformers(tmp_path, name):
     assert diff < 1e-4, diff
 
 
-@pytest.mark.parametrize("name", ["gqa-untied-llama3", "mha-tied"])
-def test_packed_model_matches_transformers_and_refuses_to_save(tmp_path, name):
-    config = tiny_config(**CONFIGS[name])
-    random_model(config).save_pretrained(tmp_path / "ckpt")
-    ours = Llama.from_pretrained(tmp_path / "ckpt").pack_for_cpu_inference()
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
-    assert all(m.weight.layout == torch._mkldnn for m in ours.modules() if type(m).__name__ == "Linear")
-    # the tied table stays a plain parameter for the embedding lookup
-    assert ours.model.embed_tokens.weight.layout == torch.strided
-    ids = torch.randint(0, config.vocab_size, (2, 80))
-    with torch.no_grad():
-        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
-    assert diff < 1e-4, diff
-    with pytest.raises(ValueError, match="packed for CPU inference"):
-        ours.save_pretrained(tmp_path / "out")
-
-
 def test_rope_parameters_layout_is_read(tmp_path):
     """Newer transformers write `rope_parameters`; it must mean the same as the classic layout."""
     config = tiny_config(rope_scaling=LLAMA3_SCALING)

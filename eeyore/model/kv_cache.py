@@ -49,13 +49,17 @@ class KVCache:
             t[:, a, :, :length_b] = t[:, b, :, :length_b]
             t[:, b, :, :length_a] = kept
 
-    def attention_mask(self, positions: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Mask `[B, 1, T, L]` (True = attend) over the first L cached positions, and L."""
-        kv_len = int(positions.max()) + 1
+    def span(self, positions: torch.Tensor) -> int:
+        """L: how many leading cached positions a forward pass at `positions` `[B, T]` reads."""
+        kv_len = int(positions.max()) + 1  # the one host sync of a step
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
+        return kv_len
+
+    def attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Mask `[B, 1, T, L]` (True = attend) over the first L = kv_len cached positions."""
         keys = torch.arange(kv_len, device=positions.device)
-        return (keys <= positions[:, :, None])[:, None], kv_len
+        return (keys <= positions[:, :, None])[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v `[B, kv_heads, T, head_dim]` at `positions` `[B, T]`; return the first kv_len cached."""

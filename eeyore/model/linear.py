@@ -1,29 +1,54 @@
-"""`x @ weight.T`, the product behind every projection, the lm_head and the training loss.
+"""`x @ weight.T` on CPU in fp32 by whichever product is fastest on the machine at hand.
 
-On CPU in fp32, `F.linear` calls MKL's sgemm, which on this project's CPUs (AMD with AVX-512)
-runs about half as fast as oneDNN's inner product at every row count, from a one-token decode
-step to a 2048-token training batch (bench/model_bench.py, BENCHMARKS.md). PyTorch's own
-compiler (Inductor) calls oneDNN on CPU through `torch.ops.mkldnn._linear_pointwise`; so do we,
-on the plain weight (training, any caller) or on a packed one (below). bf16 already goes through
-oneDNN in `F.linear`, and CUDA keeps cuBLAS, so both take `F.linear`.
+Three products compute the same thing: `blas` (`F.linear`, i.e. whatever BLAS torch was built
+with), `onednn` (oneDNN's inner product on the plain weight, as PyTorch's own compiler calls it)
+and `packed` (oneDNN on a copy of the weight in its blocked layout: inference only). Which is
+fastest depends on the CPU: the same code measured 2x apart in either direction on two x86
+machines. So nothing here assumes a winner: `measure` times the candidates for a model's real
+weight shapes and `use` records the fastest for each of two row classes, few rows (a decode step)
+and many rows (prefill, training). Until something is chosen every product is `blas`.
 
-With gradients on, a small autograd function runs the two backward products through oneDNN too
+bf16, CUDA and empty inputs always take `F.linear` (cuBLAS, or oneDNN inside `F.linear`).
+With gradients on, `onednn` runs the two backward products through oneDNN too
 (grad_x = grad @ W, grad_W = grad.T @ x).
-
-For inference, `pack_weight` gives oneDNN's blocked layout of a weight, which a decode step reads
-25-45 % faster than the plain one (`Llama.pack_for_cpu_inference`; the engine does it for the
-model it loads). `linear` accepts either.
 """
 from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PRODUCTS = ("blas", "onednn", "packed")
+FEW_ROWS = 16  # at most this many rows: the decode class (one row per running sequence)
+PACK_ROWS_HINT = 16  # the row count oneDNN blocks a packed weight for; 1-512 rows all run well with it
+log = logging.getLogger("eeyore.model.linear")
+
+# row class -> product, set by `use`; "packed" only names what packed weights do: a plain
+# weight then takes `few_plain` (the tied lm_head shares the embedding's table and stays plain).
+_chosen = {"few": "blas", "many": "blas", "few_plain": "blas"}
+
+
+def use(few: str, many: str, few_plain: str | None = None) -> None:
+    """Make `few` the product for inputs of at most FEW_ROWS rows and `many` for larger ones."""
+    few_plain = few_plain or ("onednn" if few == "packed" else few)
+    for name in (few, many, few_plain):
+        if name not in PRODUCTS:
+            raise ValueError(f"unknown CPU product {name!r}: one of {', '.join(PRODUCTS)}")
+    if few_plain == "packed" or (many == "packed" and few != "packed"):
+        raise ValueError("packed products need packed weights, which only the few-row choice makes")
+    _chosen.update(few=few, many=many, few_plain=few_plain)
+
+
+def chosen() -> dict[str, str]:
+    return dict(_chosen)
 
 
 def _inner_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T through oneDNN (a: [..., K], b: [N, K])."""
+    """a @ b.T through oneDNN (a: [..., K], b: [N, K], plain or packed)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
@@ -44,7 +69,9 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
-PACK_ROWS_HINT = 16  # the row count oneDNN blocks the weight for; 1-512 rows all run well with it
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN can compute this product: fp32 CPU tensors, non-empty."""
+    return ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -56,18 +83,107 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
 
 
-def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
+def row_class(x: torch.Tensor) -> str:
+    return "few" if x.numel() <= FEW_ROWS * x.shape[-1] else "many"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, weight)` without bias, through oneDNN for CPU fp32 tensors."""
-    if weight.layout == torch._mkldnn:  # packed by `pack_weight`
+def linear(x: torch.Tensor, weight: torch.Tensor, product: str | None = None) -> torch.Tensor:
+    """`F.linear(x, weight)` without bias, by `product` (default: the one chosen for x's rows).
+
+    A packed weight always takes the packed product; a plain one takes `onednn` when that is
+    the choice (`packed` needs a packed weight, which only `pack_weight` makes).
+    """
+    if weight.layout == torch._mkldnn:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("a weight packed for inference has no gradient: run under torch.no_grad()")
         return _inner_product(x, weight)
-    if not uses_onednn(x, weight):
+    if product is None:
+        product = _chosen[row_class(x)]
+        product = _chosen["few_plain"] if product == "packed" else product
+    if not uses_onednn(x, weight) or product == "blas":
         return F.linear(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _OneDNNLinear.apply(x, weight)
     return _inner_product(x, weight)
+
+
+# ---------------------------------------------------------------------- measurement
+
+# A weight larger than this is timed on its first rows: few-row products stream the weight, so
+# 64 MiB keeps it out of the caches as the real one is; many-row products are bound by compute,
+# and a smaller slice keeps an 8B model's measurement well under a second.
+FEW_ROWS_ELEMENTS, MANY_ROWS_ELEMENTS = 2**24, 2**20
+MANY_ROWS_PROBE = 128
+
+
+def measure(shapes: Iterable[tuple[int, int, int]], candidates: Iterable[str], rows: int,
+            backward: bool = False, repeats: int = 3) -> dict[str, float]:
+    """Seconds each candidate takes for one product of every `(count, N, K)` weight shape (weighted
+    by count) at `rows` input rows; with `backward`, the two gradient products too. Candidates
+    alternate and the best of `repeats` counts, so a busy neighbour skews them alike."""
+    torch.manual_seed(0)
+    cases = []
+    for count, n, k in shapes:
+        n = max(1, min(n, (FEW_ROWS_ELEMENTS if rows <= FEW_ROWS else MANY_ROWS_ELEMENTS) // k))
+        w = torch.randn(n, k) / k**0.5
+        cases.append((count, w, pack_weight(w) if "packed" in candidates else None, torch.randn(rows, k)))
+    best = {c: float("inf") for c in candidates}
+    for _ in range(repeats):
+        for c in best:
+            total = 0.0
+            for count, w, packed, x in cases:
+                total += count * _time_one(c, x, packed if c == "packed" else w, backward)
+            best[c] = min(best[c], total)
+    return best
+
+
+def _time_one(product: str, x: torch.Tensor, w: torch.Tensor, backward: bool) -> float:
+    if not backward:
+        with torch.no_grad():
+            linear(x, w, product)  # first call: oneDNN builds its primitive, not part of the product
+            start = time.perf_counter()
+            linear(x, w, product)
+            return time.perf_counter() - start
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    linear(x, w, product).sum().backward()
+    start = time.perf_counter()
+    linear(x, w, product).sum().backward()
+    return time.perf_counter() - start
+
+
+def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: bool = True) -> dict[str, str]:
+    """Measure and `use` the fastest product per row class for these `(count, N, K)` weight shapes.
+
+    `forced` names one product for both classes instead (`--cpu-matmul`). Training (`inference`
+    False) measures forward plus backward and never packs. Returns the choice, which is logged.
+    """
+    if forced != "auto":
+        if forced == "packed" and not inference:
+            raise ValueError("--cpu-matmul packed: packed weights are for inference only (they have no gradient)")
+        if forced not in PRODUCTS:
+            raise ValueError(f"--cpu-matmul {forced}: use auto, {', '.join(PRODUCTS)}")
+        use(forced, forced)
+        log.info("CPU fp32 products: %s (forced)", forced)
+        return chosen()
+    if not ONEDNN:
+        use("blas", "blas")
+        return chosen()
+    start = time.perf_counter()
+    if inference:
+        few = measure(shapes, ["blas", "onednn", "packed"], rows=1)
+        plain = {k: v for k, v in few.items() if k != "packed"}
+        packs = min(few, key=few.get) == "packed"
+        many = {"packed": 0.0} if packs else measure(shapes, ["blas", "onednn"], rows=MANY_ROWS_PROBE)
+    else:
+        plain = few = measure(shapes, ["blas", "onednn"], rows=1, backward=True)
+        many = measure(shapes, ["blas", "onednn"], rows=MANY_ROWS_PROBE, backward=True)
+    pick = lambda times: min(times, key=times.get)
+    use(pick(few), pick(many), pick(plain))
+    log.info("CPU fp32 products: few rows %s, many rows %s%s (measured in %.2f s; few rows %s)",
+             _chosen["few"], _chosen["many"], " (packed weights serve every row count)" if _chosen["few"] == "packed" else "",
+             time.perf_counter() - start, _fmt(few))
+    return chosen()
+
+
+def _fmt(times: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())

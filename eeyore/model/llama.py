@@ -16,13 +16,7 @@ from torch import nn
 
 from .config import LlamaConfig
 from .kv_cache import KVCache
-from .linear import linear, pack_weight, packable
 from .weights import load_state_dict, resolve_model_dir, save_checkpoint
-
-try:  # flash-attn is an optional CUDA-only build
-    from flash_attn import flash_attn_varlen_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_varlen_func = None
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -47,11 +41,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` without bias whose product is `linear.linear` (oneDNN for CPU fp32)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-half rotary embedding of queries and keys `[B, heads, T, D]` (cos/sin `[B, 1, T, D]`)."""
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class RMSNorm(nn.Module):
@@ -71,42 +63,38 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.head_dim = layer, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: "Context") -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q, k = self.rope(q, k, *rope)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v, ctx.positions, ctx.kv_len)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
-        elif ctx.cu_seqlens is not None and flash_attn_varlen_func is not None and x.is_cuda:
-            out = self._flash_varlen(q, k, v, ctx.cu_seqlens)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(self.attend(q, k, v, ctx).transpose(1, 2).reshape(b, t, -1))
 
-    @staticmethod
-    def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """Packed sequences (one row) through flash-attn's variable-length kernel: no padding, no mask."""
-        cu = cu_seqlens.to(torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
-        out = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, longest, longest, causal=True)
-        return out.transpose(0, 1)[None]
+    # The two steps a faster variant may replace (see `eeyore/model/fastpath.py`).
+    def rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rope(q, k, cos, sin)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "Context") -> torch.Tensor:
+        """Softmax attention of q `[B, heads, T, D]` over k/v `[B, kv_heads, L, D]`; each kv head
+        serves heads // kv_heads query heads (grouped-query attention)."""
+        mask = ctx.mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -126,15 +114,28 @@ class Block(nn.Module):
 
 
 class Context:
-    """What every layer of one forward pass shares: cache, positions and the attention mask."""
+    """What every layer of one forward pass shares: cache, positions and the attention mask.
+
+    With a cache, query t of row b sees the cached keys at positions <= positions[b, t], among
+    the first `kv_len`; packed sequences (`cu_seqlens`) see only their own sample's keys. The
+    mask is built on first use, once per forward pass, so a variant that attends by lengths
+    instead never builds it.
+    """
 
     def __init__(self, positions: torch.Tensor, cache: KVCache | None, cu_seqlens: torch.Tensor | None) -> None:
         self.positions, self.cache, self.cu_seqlens = positions, cache, cu_seqlens
-        self.mask, self.kv_len = None, 0
-        if cache is not None:
-            self.mask, self.kv_len = cache.attention_mask(positions)
-        elif cu_seqlens is not None and not (flash_attn_varlen_func is not None and positions.is_cuda):
-            self.mask = packed_causal_mask(cu_seqlens, positions.shape[1], positions.device)
+        self.kv_len = cache.span(positions) if cache is not None else positions.shape[1]
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """Boolean `[B, 1, T, L]` (True = attend), or None for plain causal attention."""
+        if self._mask is None:
+            if self.cache is not None:
+                self._mask = self.cache.attention_mask(self.positions, self.kv_len)
+            elif self.cu_seqlens is not None:
+                self._mask = packed_causal_mask(self.cu_seqlens, self.positions.shape[1], self.positions.device)
+        return self._mask
 
 
 def packed_causal_mask(cu_seqlens: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
@@ -159,7 +160,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # A plain attribute, not a buffer: it must not appear in the state dict and must survive
@@ -231,25 +232,11 @@ class Llama(nn.Module):
         model.name_or_path = str(model_dir)
         return model.eval()
 
-    def pack_for_cpu_inference(self) -> "Llama":
-        """Replace every projection's fp32 CPU weight by oneDNN's blocked copy (see `linear.py`).
-
-        Decode steps get 25-45 % faster; the plain weights are dropped, so memory stays the same
-        (a tied lm_head packs a copy and the embedding keeps its table), and the model can then
-        only run inference: no gradients, no `save_pretrained`.
-        """
-        for module in self.modules():
-            if isinstance(module, Linear) and packable(module.weight):
-                packed = pack_weight(module.weight)
-                del module.weight  # the parameter goes; a plain tensor attribute takes its name
-                module.weight = packed
-        return self
-
     def save_pretrained(self, out_dir: str | Path, tokenizer: Any = None, max_shard_bytes: int = 5 * 2**30) -> Path:
         """Write an HF checkpoint (config, generation config, safetensors, tokenizer with template)."""
-        if self.lm_head.weight.layout == torch._mkldnn:
-            raise ValueError("this model was packed for CPU inference and no longer holds its plain weights: "
-                             "save it before calling pack_for_cpu_inference()")
+        if any(isinstance(m, nn.Linear) and not isinstance(m.weight, nn.Parameter) for m in self.modules()):
+            raise ValueError("this model's weights were replaced by inference-only copies (fastpath.speed_up): "
+                             "save it before speeding it up")
         return save_checkpoint(out_dir, self.state_dict(), self.config, tokenizer, self.generation_config or None, max_shard_bytes)
 
 

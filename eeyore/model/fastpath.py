@@ -1,0 +1,171 @@
+"""Faster variants of the readable model's parts, swapped in from outside by one function.
+
+`eeyore/model/llama.py` is the plain algorithm: `nn.Linear`, the RMSNorm, RoPE and attention a
+reader can follow. `speed_up(model, kernels=..., cpu_matmul=...)` changes how those parts compute,
+never what: each module keeps its parameters and names (checkpoints, FSDP and optimisers see the
+same model) and only its class is swapped for a subclass that overrides `forward` (or the
+attention's `rope` / `attend`), as gpt-fast swaps modules for its quantised ones.
+
+- CPU fp32 products (`cpu_matmul`): every `nn.Linear` computes through `linear.linear`, whose
+  product per row class is measured on this machine for the model's weight shapes (see
+  `linear.py`); for inference the weights may be replaced by packed copies.
+- Kernels (`kernels`, CUDA): RMSNorm, RoPE and SwiGLU through the Triton kernels of the top-level
+  `kernels` package, attention through flash-attn (per-row lengths, no mask) when it imports.
+  `auto` turns them on for a CUDA model when triton imports, off otherwise.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import linear as products
+from .llama import MLP, Attention, Context, Llama, RMSNorm
+
+KERNEL_MODES = ("auto", "on", "off")
+CPU_MATMUL_MODES = ("auto", *products.PRODUCTS)
+log = logging.getLogger("eeyore.model.fastpath")
+
+
+def add_arguments(parser: Any, style: str = "-") -> None:
+    """The two switches, for the trainers (`style="_"`: --cpu_matmul) and the server (--cpu-matmul)."""
+    parser.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
+                        help="Triton kernels (RMSNorm, RoPE, SwiGLU) and flash-attn attention: auto = on for a "
+                             "CUDA model when triton imports, off on CPU (default auto)")
+    parser.add_argument(f"--cpu{style}matmul", choices=CPU_MATMUL_MODES, default="auto",
+                        help="product for fp32 CPU projections: auto = the fastest measured at start on this "
+                             "machine for the model's shapes; blas = F.linear; onednn = oneDNN on the plain "
+                             "weights; packed = oneDNN on packed copies (inference only) (default auto)")
+
+
+def speed_up(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", inference: bool = False) -> dict[str, Any]:
+    """Swap the faster variants into `model` in place; returns (and logs) what was chosen.
+
+    `inference` allows replacing weights by inference-only copies (no gradient, no saving).
+    """
+    if kernels not in KERNEL_MODES:
+        raise ValueError(f"--kernels {kernels}: use one of {', '.join(KERNEL_MODES)}")
+    param = next(model.parameters())
+    summary: dict[str, Any] = {"kernels": _use_kernels(kernels, param.device)}
+    if summary["kernels"]:
+        swap_kernel_modules(model)
+    if param.device.type == "cpu" and param.dtype == torch.float32:
+        summary["cpu_matmul"] = _swap_linears(model, cpu_matmul, inference)
+    log.info("fast path: %s", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------- CPU products
+
+class ChosenLinear(nn.Linear):
+    """`nn.Linear` (no bias) through the product `linear.py` chose for the input's row count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return products.linear(x, self.weight)
+
+
+def _swap_linears(model: nn.Module, forced: str, inference: bool) -> dict[str, str]:
+    if forced not in CPU_MATMUL_MODES:
+        raise ValueError(f"--cpu-matmul {forced}: use one of {', '.join(CPU_MATMUL_MODES)}")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    shapes = Counter(tuple(m.weight.shape) for m in linears)
+    choice = products.choose([(count, n, k) for (n, k), count in shapes.items()], forced, inference)
+    for m in linears:
+        m.__class__ = ChosenLinear
+    if choice["few"] == "packed":  # inference only (`choose` refuses it otherwise)
+        tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        for m in linears:
+            # A tied lm_head keeps the embedding's table: a packed copy would double its memory
+            # and its read per step; it takes the best plain-weight product instead.
+            if id(m.weight) not in tied and products.packable(m.weight):
+                packed = products.pack_weight(m.weight)
+                del m.weight  # the parameter goes; a plain tensor attribute takes its name
+                m.weight = packed
+    return choice
+
+
+# ---------------------------------------------------------------------- kernels
+
+def _triton_kernels() -> Any | None:
+    """The `kernels` package when it and triton import (any failure: None, kernels stay off)."""
+    try:
+        import triton  # noqa: F401
+        return importlib.import_module("kernels")
+    except Exception:  # a missing or broken triton install
+        return None
+
+
+def _use_kernels(mode: str, device: torch.device) -> bool:
+    if mode == "off":
+        return False
+    if mode == "auto":
+        return device.type == "cuda" and _triton_kernels() is not None
+    if _triton_kernels() is None:
+        raise ValueError("--kernels on: the Triton kernels need triton; pip install triton (or use --kernels off)")
+    return True
+
+
+def _kernel(name: str):
+    return getattr(importlib.import_module("kernels"), name)
+
+
+class KernelRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _kernel("rms_norm")(x, self.weight, self.eps)
+
+
+class KernelMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(_kernel("swiglu")(self.gate_proj(x), self.up_proj(x)))
+
+
+class KernelAttention(Attention):
+    def rope(self, q, k, cos, sin):
+        return _kernel("apply_rope")(q, k, cos, sin)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+        flash = _flash_attn()
+        if flash is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            return super().attend(q, k, v, ctx)
+        if ctx.cache is not None:
+            return _flash_cached(flash, q, k, v, ctx)
+        if ctx.cu_seqlens is not None:
+            return _flash_packed(flash, q, k, v, ctx.cu_seqlens)
+        return super().attend(q, k, v, ctx)  # plain causal: SDPA picks its flash kernel itself
+
+
+def swap_kernel_modules(model: nn.Module) -> None:
+    for m in model.modules():
+        for plain, fast in ((RMSNorm, KernelRMSNorm), (MLP, KernelMLP), (Attention, KernelAttention)):
+            if type(m) is plain:
+                m.__class__ = fast
+
+
+def _flash_attn() -> Any | None:
+    try:
+        return importlib.import_module("flash_attn")
+    except Exception:  # optional CUDA-only build
+        return None
+
+
+def _flash_packed(flash: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Sequences packed into one row through flash-attn's variable-length kernel: no mask."""
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    out = flash.flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                       cu, cu, longest, longest, causal=True)
+    return out.transpose(0, 1)[None]
+
+
+def _flash_cached(flash: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Decode / chunked prefill over the cache by per-row lengths: row b reads its first
+    positions[b, -1] + 1 keys, causally aligned to its last query (flash-attn's bottom-right)."""
+    lengths = (ctx.positions[:, -1] + 1).to(torch.int32)
+    # [B, heads, L, D] -> [B, L, heads, D] views: flash-attn takes any strides but the last.
+    out = flash.flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        cache_seqlens=lengths, causal=True)
+    return out.transpose(1, 2)

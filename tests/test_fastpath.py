@@ -1,0 +1,99 @@
+"""`speed_up` swaps faster variants into the readable model without changing what it computes."""
+import inspect
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eeyore.model import Llama, linear as products, llama
+from eeyore.model.fastpath import ChosenLinear, KernelAttention, KernelMLP, KernelRMSNorm, speed_up
+from test_model import CONFIGS, random_model, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def plain_products():
+    yield
+    products.use("blas", "blas")
+
+
+def _checkpoint(tmp_path, name):
+    random_model(tiny_config(**CONFIGS[name])).save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("name", ["gqa-untied-llama3", "mha-tied"])
+@pytest.mark.parametrize("product", ["auto", *products.PRODUCTS])
+def test_every_cpu_product_gives_the_plain_logits(tmp_path, name, product):
+    ckpt = _checkpoint(tmp_path, name)
+    plain, fast = Llama.from_pretrained(ckpt), Llama.from_pretrained(ckpt)
+    summary = speed_up(fast, kernels="off", cpu_matmul=product, inference=True)
+    assert product == "auto" or summary["cpu_matmul"]["few"] == product
+    assert all(type(m) is ChosenLinear for m in fast.modules() if isinstance(m, torch.nn.Linear))
+    packed = summary["cpu_matmul"]["few"] == "packed"
+    assert (fast.model.layers[0].mlp.up_proj.weight.layout == torch._mkldnn) == packed
+    # the tied table stays a plain parameter, for the embedding lookup and the lm_head alike
+    assert fast.model.embed_tokens.weight.layout == torch.strided
+    ids = torch.randint(0, 320, (2, 40))
+    with torch.no_grad():
+        for rows in (ids[:, :1], ids):  # the few-row and the many-row class
+            torch.testing.assert_close(fast(rows), plain(rows), rtol=1e-4, atol=1e-4)
+    if packed:
+        with pytest.raises(ValueError, match="inference-only"):
+            fast.save_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("product", ["blas", "onednn"])
+def test_training_products_give_the_plain_gradients(product):
+    config = tiny_config(**CONFIGS["mha-tied"])
+    plain, fast = random_model(config), random_model(config)
+    speed_up(fast, kernels="off", cpu_matmul=product)
+    ids = torch.randint(0, 320, (2, 24))
+    for m in (plain, fast):
+        F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="inference only"):
+        speed_up(random_model(config), cpu_matmul="packed")
+
+
+def _plain_kernels(calls):
+    """A stand-in for the Triton `kernels` package that counts calls and computes in plain torch."""
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args)
+        return wrapper
+    rms = lambda x, w, eps: w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return types.SimpleNamespace(rms_norm=counted("rms_norm", rms), apply_rope=counted("apply_rope", llama.apply_rope),
+                                 swiglu=counted("swiglu", lambda g, u: F.silu(g) * u))
+
+
+def test_kernels_on_and_off_give_the_same_logits(monkeypatch):
+    config = tiny_config(**CONFIGS["gqa-untied-llama3"])
+    plain, fast = random_model(config), random_model(config)
+    assert speed_up(plain, kernels="auto", cpu_matmul="blas")["kernels"] is False  # auto: off on CPU
+    calls = {}
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    monkeypatch.setitem(sys.modules, "kernels", _plain_kernels(calls))
+    assert speed_up(fast, kernels="on", cpu_matmul="blas")["kernels"] is True
+    assert type(fast.model.norm) is KernelRMSNorm and type(fast.model.layers[1].mlp) is KernelMLP
+    assert type(fast.model.layers[0].self_attn) is KernelAttention
+    ids = torch.randint(0, 320, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), plain(ids), rtol=1e-5, atol=1e-5)
+    layers = config.num_hidden_layers
+    assert calls == {"rms_norm": 2 * layers + 1, "apply_rope": layers, "swiglu": layers}
+
+
+def test_kernels_on_without_triton_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    with pytest.raises(ValueError, match="--kernels on: .*triton"):
+        speed_up(random_model(tiny_config()), kernels="on")
+
+
+def test_the_readable_module_has_no_platform_paths():
+    source = inspect.getsource(llama).lower()
+    for word in ("cuda", "mkldnn", "onednn", "flash", "triton", "device.type", "linear("):
+        assert word not in source.replace("nn.linear(", ""), word
