@@ -15,16 +15,31 @@ from serve_fixtures import IM_END, byte_tokenizer, hf_greedy
 PROMPTS = [[5, 6, 7, 8, 9], [100], list(range(30, 60)), [200, 201, 202], [7] * 12, [65, 66], [1, 2, 3, 4], [250, 9]]
 
 
-@pytest.mark.parametrize("slots,chunk", [(8, 512), (2, 4)])
-def test_greedy_equals_transformers(tiny_ckpt, tiny_hf, slots, chunk):
+@pytest.mark.parametrize("slots,chunk,product", [(8, 512, "packed"), (2, 4, "blas"), (3, 7, "auto")])
+def test_greedy_equals_transformers(tiny_ckpt, tiny_hf, slots, chunk, product):
     """More requests than slots and prompts prefilled in chunks of 4: requests join and leave
-    the batch (rows move between slots) and every one still matches generate token for token."""
-    with Engine.from_pretrained(tiny_ckpt, max_batch_size=slots, max_model_len=128, prefill_chunk=chunk) as engine:
+    the batch (rows move between slots) and every one still matches generate token for token,
+    whichever CPU product computes the projections."""
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=slots, max_model_len=128, prefill_chunk=chunk,
+                                fast_path={"cpu_matmul": product}) as engine:
         results = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), progress=False)
-        assert engine.model.lm_head.weight.layout == torch._mkldnn  # its own model: packed for inference
+        if product != "auto":  # its own model: packed for inference when asked
+            assert (engine.model.lm_head.weight.layout == torch._mkldnn) == (product == "packed")
     for prompt, result in zip(PROMPTS, results):
         assert result.token_ids == hf_greedy(tiny_hf, prompt, 16)
         assert result.finish_reason == ("stop" if result.token_ids[-1] == IM_END else "length")
+
+
+def test_compiled_decode_equals_transformers(tiny_ckpt, tiny_hf):
+    """--compile: the decode step through torch.compile (one dynamic program on CPU) gives the
+    same greedy tokens while rows join and leave."""
+    prompts = PROMPTS[:3]
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=2, max_model_len=64,
+                                fast_path={"compile": True}) as engine:
+        results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10), progress=False)
+        assert engine.decode_logits.compiled
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(tiny_hf, prompt, 10)
 
 
 def test_processors_equal_transformers_in_generate(tiny_ckpt, tiny_hf):

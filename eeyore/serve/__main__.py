@@ -22,6 +22,8 @@ from aiohttp import web
 
 from eeyore.model.weights import DEFAULT_MODEL_NAME
 
+from eeyore.model.fastpath import add_arguments as add_fast_path_arguments
+
 from .app import LOADING, create_app
 from .engine import Engine
 from .params import parse_sequence_bias
@@ -41,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--chat-template", default=None, help="override the tokenizer's chat template: 'llama3' "
                    "(the reference's training template), a .jinja file, or template source")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("speed")
+    add_fast_path_arguments(g)
+    g.add_argument("--compile", action="store_true", help="run the decode step through torch.compile (CUDA "
+                   "graphs on CUDA); the first step at each batch size compiles, minutes on CPU (default off)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=6416, help="port to listen on (default 6416)")
@@ -89,6 +95,7 @@ def engine_loader(args: argparse.Namespace) -> Any:
             args.model, dtype, device, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
             max_model_len=args.max_model_len, overrides=overrides, prefill_chunk=args.prefill_chunk,
             chat_template=args.chat_template, seed=args.seed,
+            fast_path=dict(kernels=args.kernels, cpu_matmul=args.cpu_matmul, compile=args.compile),
         )
         c, param = engine.model.config, next(engine.model.parameters())
         cache_bytes = (2 * c.num_hidden_layers * engine.max_batch_size * c.num_key_value_heads

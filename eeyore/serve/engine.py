@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from eeyore.model import KVCache, Llama
 from eeyore.model.chat import ChatTemplate, TemplateError
+from eeyore.model.decode import DecodeStep, for_inference
 from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.weights import resolve_model_dir
 
@@ -57,7 +58,7 @@ class Engine:
         prefill_chunk: int = 512,
         chat_template: str | None = None,
         seed: int | None = None,
-        pack_weights: bool = False,
+        fast_path: dict[str, Any] | None = None,
     ) -> None:
         config = model.config
         self.model, self.tokenizer = model, tokenizer
@@ -73,7 +74,10 @@ class Engine:
         self.sampler = Sampler(config.vocab_size, self.eos_ids, seed)
         self.live: weakref.WeakSet[Request] = weakref.WeakSet()  # lets tests see that nothing leaks
         self.reused_prefix_tokens = 0  # prompt tokens taken from the cache instead of computed
-        self.pack_weights = pack_weights
+        # kernels / cpu_matmul / compile for `decode.for_inference`, applied by the worker; None:
+        # the readable model as given. `decode_logits` is the one call a decode step makes.
+        self.fast_path = fast_path
+        self.decode_logits: DecodeStep = DecodeStep(model)
         # Free slots keep the keys and values of the request that left them, until overwritten:
         # slot -> the tokens whose entries are there. A follow-up request (the next turn of a
         # conversation resends the whole history) then prefills only what is new.
@@ -94,11 +98,12 @@ class Engine:
                         device: str = "cpu", **kwargs: Any) -> "Engine":
         """Load a checkpoint (None: the embedded default model) and its tokenizer.
 
-        The model is the engine's own, so by default (`pack_weights=True`) the worker packs its
-        fp32 CPU weights for faster decoding, which leaves it inference-only.
+        The model is the engine's own, so by default (`fast_path={}`) the worker swaps in the
+        products measured fastest on this machine (possibly packed weights, which leave it
+        inference-only) and the kernels `--kernels auto` picks.
         """
         model_dir = resolve_model_dir(model)
-        kwargs.setdefault("pack_weights", True)
+        kwargs.setdefault("fast_path", {})
         return cls(Llama.from_pretrained(model_dir, dtype, device), Tokenizer.from_pretrained(model_dir), **kwargs)
 
     # ------------------------------------------------------------------ callers' side
@@ -279,8 +284,8 @@ class Engine:
         # All tensor work happens on the worker thread, weight packing and the cache's first fill
         # included: once a thread has run an OpenMP parallel region, libgomp runs another
         # thread's regions about 2x slower on this 2-core CPU (measured: 22 vs 42 tok/s at batch 1).
-        if self.pack_weights:  # inference-only from here: see Llama.pack_for_cpu_inference
-            self.model.pack_for_cpu_inference()
+        if self.fast_path is not None:  # may leave the model inference-only: see fastpath.speed_up
+            self.decode_logits = for_inference(self.model, **self.fast_path)
         if self.cache is None:
             dtype = next(self.model.parameters()).dtype
             self.cache = KVCache(self.model.config, self.max_batch_size, self.max_model_len, dtype, self.device)
@@ -357,7 +362,7 @@ class Engine:
             self._rows_changed = False
         ids = torch.tensor([[r.row.tokens[-1]] for r in running], device=self.device)
         positions = torch.tensor([[len(r.row.tokens) - 1] for r in running], device=self.device)
-        logits = self.model(ids, positions, self.cache.rows(0, len(running)))[:, -1]
+        logits = self.decode_logits(ids, positions, self.cache)
         sampled = self.sampler(logits.cpu())
         finished = []
         for i, req in enumerate(running):

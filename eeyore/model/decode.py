@@ -1,0 +1,76 @@
+"""One decode step (a token per running row) over the KV cache, eager or through `torch.compile`.
+
+The engine asks a `DecodeStep` for the next-token logits of the rows in cache slots [0, n).
+Eager, that is the readable model's forward. Compiled, the whole step (embedding, every layer,
+the cache writes, the final norm and lm_head) becomes one generated program, without Python per
+op; on CUDA it is also captured as a CUDA graph (`mode="reduce-overhead"`), as gpt-fast does.
+
+Shapes a compiled program sees:
+- the batch is padded up to a bucket (1, 2, 4, 8, ... up to the cache's slots), so a handful of
+  programs serve every batch size. Padding rows write their keys at the cache's last position,
+  which no real row ever reads: a row that reaches it has no next token to compute.
+- on CPU the keys read per step stop at the longest row (`kv_len`, a dynamic size: one program
+  for every length); CUDA graphs need fixed sizes, so there every step reads the whole cache,
+  the rows' own lengths masking the rest.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .fastpath import speed_up
+from .kv_cache import KVCache
+from .llama import Llama
+
+log = logging.getLogger("eeyore.model.decode")
+
+
+class _KnownSpan(KVCache):
+    """The cache with the number of keys to read given, not read back from the device."""
+
+    def __init__(self, config, max_len: int, k: torch.Tensor, v: torch.Tensor, kv_len: int) -> None:
+        super().__init__(config, 0, max_len, _views=(k, v))
+        self.kv_len = kv_len
+
+    def span(self, positions: torch.Tensor) -> int:
+        return self.kv_len
+
+
+def _step(model: Llama, ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+          max_len: int, kv_len: int) -> torch.Tensor:
+    cache = _KnownSpan(model.config, max_len, k, v, kv_len)
+    return model(ids, positions, cache)[:, -1]
+
+
+class DecodeStep:
+    def __init__(self, model: Llama, compile: bool = False) -> None:
+        self.model, self.compiled = model, compile
+        self.on_cuda = next(model.parameters()).is_cuda
+        if compile:
+            mode = "reduce-overhead" if self.on_cuda else None  # CUDA graphs on CUDA
+            self._program = torch.compile(_step, dynamic=not self.on_cuda, mode=mode, fullgraph=True)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits `[n, V]` of the next token of rows 0..n-1 fed `ids`/`positions` `[n, 1]`."""
+        n = ids.shape[0]
+        if not self.compiled:
+            return self.model(ids, positions, cache.rows(0, n))[:, -1]
+        # CPU: one dynamic program; its batch starts at 2 because size 1 would be specialised.
+        bucket = min(cache.slots, max(1 << (n - 1).bit_length(), 1 if self.on_cuda else 2))
+        if bucket > n:  # padding rows: token 0 at the last cache position (see module doc)
+            ids = torch.cat([ids, ids.new_zeros(bucket - n, 1)])
+            positions = torch.cat([positions, positions.new_full((bucket - n, 1), cache.max_len - 1)])
+        kv_len = cache.max_len if self.on_cuda else cache.span(positions[:n])
+        for t in (cache.k, cache.v):  # fixed sizes: no dynamic size may be equated with theirs
+            torch._dynamo.mark_static(t)
+        return self._program(self.model, ids, positions, cache.k, cache.v, cache.max_len, kv_len)[:n]
+
+
+def for_inference(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", compile: bool = False) -> DecodeStep:
+    """Swap the fast variants into `model` (inference-only from here) and give its decode step."""
+    speed_up(model, kernels=kernels, cpu_matmul=cpu_matmul, inference=True)
+    if compile:
+        log.info("decode step compiled with torch.compile: the first step at each batch bucket compiles "
+                 "(minutes on CPU)")
+    return DecodeStep(model, compile)
