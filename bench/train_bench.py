@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from eeyore.model import Llama, LlamaConfig
 from eeyore.model.chat import ChatTemplate
+from eeyore.model.fastpath import speed_up
 from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.weights import resolve_model_dir
 from eeyore.train import sft
@@ -38,6 +39,7 @@ from eeyore.train.data import Row
 from eeyore.train.loss import IGNORE_INDEX, cross_entropy_sum
 from eeyore.train.parallel import data_parallel_mesh, init_distributed, load_sharded, shard_model
 from eeyore.train.trainer import Trainer
+from machine import cpu_description
 
 PROFILES = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
@@ -112,6 +114,7 @@ def bench_step(args: argparse.Namespace) -> None:
 
     d = init_distributed()
     ours = load_sharded(str(model_dir), d, zero_stage=2)
+    speed_up(ours, cpu_matmul=args.cpu_matmul)  # as the trainers do at start (--cpu_matmul)
     flags = ["--dataset", "-", "--train_batch_size", str(args.batch), "--micro_train_batch_size", str(args.batch), "--l2", "0.01"]
     trainer = Trainer(sft.parse_args(flags), d, ours, tok, sft.SFTRecipe(0), [None] * args.batch)
 
@@ -137,6 +140,7 @@ def bench_step(args: argparse.Namespace) -> None:
                 fn()
                 times[name].append(time.perf_counter() - start)
             peaks[name] = max(peaks.get(name, 0), mem.peak)
+    print(cpu_description())
     print(f"one optimizer step: {model_dir.name}, {args.batch} x {args.seq} tokens of real conversations, fp32, {torch.get_num_threads()} threads")
     rate = {k: batch.tokens / statistics.median(v) for k, v in times.items()}
     print(f"{'':14}{'tokens/s':>12}{'peak MiB':>12}")
@@ -229,6 +233,7 @@ def main() -> None:
     parser.add_argument("--loss-seq", type=int, default=4096, help="tokens of the loss benchmark")
     parser.add_argument("--loss-vocab", type=int, default=128256, help="vocabulary of the loss benchmark")
     parser.add_argument("--loss-hidden", type=int, default=2048, help="hidden size of the loss benchmark (Llama-3.2-1B's)")
+    parser.add_argument("--cpu-matmul", default="auto", help="auto (measured at start), blas, onednn (default auto)")
     parser.add_argument("--only", choices=("step", "loss"), default=None, help="run one of the two CPU benchmarks")
     parser.add_argument("--mfu", action="store_true", help="CUDA only: MFU of a Llama-3.2-1B-shaped model in bf16 (uses --batch, --seq, --steps)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, when not an H100/H200/A100")
