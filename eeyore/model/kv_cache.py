@@ -30,6 +30,7 @@ class KVCache:
             _views = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         self.k, self.v = _views
         self.slots = self.k.shape[1]
+        self._index_for: torch.Tensor | None = None  # the positions `_index` was built for
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view over slots [start, stop): batch row b of a forward pass is slot start + b."""
@@ -68,9 +69,8 @@ class KVCache:
         if positions.shape[1] == 1:  # decode: one token per row, rows at different positions
             # One index_copy_ over flat (row, head, position) vectors: ~40x faster on CPU than
             # advanced-index assignment, which dominated the decode step at batch 16.
-            heads, length, dim = kl.shape[1:4]
-            heads_idx = torch.arange(batch, device=positions.device)[:, None] * heads + torch.arange(heads, device=positions.device)
-            flat = (heads_idx * length + positions).reshape(-1)  # slots [:batch] of one layer are contiguous
+            dim = kl.shape[3]
+            flat = self._decode_index(positions, kl.shape)
             kl.view(-1, dim).index_copy_(0, flat, k.reshape(-1, dim))
             vl.view(-1, dim).index_copy_(0, flat, v.reshape(-1, dim))
         else:  # prefill: a contiguous run of positions per row
@@ -78,3 +78,13 @@ class KVCache:
             kl[rows, :, positions] = k.transpose(1, 2)
             vl[rows, :, positions] = v.transpose(1, 2)
         return kl[:, :, :kv_len], vl[:, :, :kv_len]
+
+    def _decode_index(self, positions: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Flat (row, head, position) indices of one decode step's entries in one layer's
+        contiguous slots [:batch]; the same for every layer, so built once per step."""
+        if self._index_for is not positions:
+            batch, heads, length = shape[:3]
+            rows = torch.arange(batch, device=positions.device)[:, None] * heads
+            self._index = ((rows + torch.arange(heads, device=positions.device)) * length + positions).reshape(-1)
+            self._index_for = positions
+        return self._index
