@@ -32,6 +32,7 @@ from tqdm import tqdm
 from eeyore.model.chat import ChatTemplate
 from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.weights import resolve_model_dir
+from eeyore.model.fastpath import speed_up
 
 from .data import load_rows
 from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs
@@ -113,6 +114,7 @@ def load_reference(args: argparse.Namespace, d: Dist) -> nn.Module:
     store = torch.bfloat16 if args.bf16 else torch.float32
     model = load_sharded(args.ref_pretrain, d, zero_stage=3, bf16=args.bf16, store_dtype=store)
     model.requires_grad_(False)
+    speed_up(model, args.kernels, args.cpu_matmul)
     return model.eval()
 
 
@@ -151,6 +153,7 @@ def train(args: argparse.Namespace, d: Dist) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     model = load_sharded(args.pretrain, d, args.zero_stage, args.bf16, args.gradient_checkpointing)
+    speed_up(model, args.kernels, args.cpu_matmul)
     if args.ref_offload and same_reference:
         precompute_reference(model, every_pair, args.micro_train_batch_size, pad_id, d)
     if not args.ref_offload:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from eeyore.model.chat import ChatTemplate, TemplateError, tokenize_conversation
 from eeyore.model.tokenizer import Tokenizer
+from eeyore.model.fastpath import speed_up
 
 from .data import DataError, Row, load_rows
 from .loss import IGNORE_INDEX, cross_entropy_sum
@@ -199,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         torch.manual_seed(args.seed)
         model = load_sharded(args.pretrain, d, args.zero_stage, args.bf16, args.gradient_checkpointing)
+        speed_up(model, args.kernels, args.cpu_matmul)
         tok = Tokenizer.from_pretrained(model.name_or_path)
         chat = None
         if args.apply_chat_template:

@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from eeyore.model.fastpath import add_arguments as add_fast_path_arguments
 from eeyore.model.weights import save_checkpoint
 
 from . import checkpoint
@@ -143,6 +144,7 @@ def add_common_args(parser: argparse.ArgumentParser, recipe: str, max_len: int, 
             "scaled_dot_product_attention (flash kernels on CUDA)"
         ),
     )
+    add_fast_path_arguments(g, style="_")  # --kernels, --cpu_matmul (eeyore/model/fastpath.py)
     g.add_argument(
         "--gradient_checkpointing", action="store_true",
         help="recompute each block's activations in backward to save memory",
