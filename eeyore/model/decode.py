@@ -49,7 +49,9 @@ class DecodeStep:
         self.on_cuda = next(model.parameters()).is_cuda
         if compile:
             mode = "reduce-overhead" if self.on_cuda else None  # CUDA graphs on CUDA
-            self._program = torch.compile(_step, dynamic=not self.on_cuda, mode=mode, fullgraph=True)
+            # fullgraph on CPU proves the whole step is one program; on CUDA an op that breaks the
+            # graph (an attention kernel unknown to the compiler) costs a split, not a failure.
+            self._program = torch.compile(_step, dynamic=not self.on_cuda, mode=mode, fullgraph=not self.on_cuda)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits `[n, V]` of the next token of rows 0..n-1 fed `ids`/`positions` `[n, 1]`."""
@@ -64,6 +66,8 @@ class DecodeStep:
         kv_len = cache.max_len if self.on_cuda else cache.span(positions[:n])
         for t in (cache.k, cache.v):  # fixed sizes: no dynamic size may be equated with theirs
             torch._dynamo.mark_static(t)
+            if self.on_cuda:  # written in place by the step: a CUDA graph needs their address fixed
+                torch._dynamo.mark_static_address(t)
         return self._program(self.model, ids, positions, cache.k, cache.v, cache.max_len, kv_len)[:n]
 
 
