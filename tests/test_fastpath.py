@@ -97,3 +97,14 @@ def test_the_readable_module_has_no_platform_paths():
     source = inspect.getsource(llama).lower()
     for word in ("cuda", "mkldnn", "onednn", "flash", "triton", "device.type", "linear("):
         assert word not in source.replace("nn.linear(", ""), word
+
+
+def test_server_and_trainers_take_the_switches():
+    from eeyore.serve.__main__ import parse_args as serve_args
+    from eeyore.train.sft import parse_args as sft_args
+
+    served = serve_args(["--kernels", "off", "--cpu-matmul", "packed", "--compile"])
+    assert (served.kernels, served.cpu_matmul, served.compile) == ("off", "packed", True)
+    assert (serve_args([]).kernels, serve_args([]).cpu_matmul, serve_args([]).compile) == ("auto", "auto", False)
+    trained = sft_args(["--dataset", "x", "--cpu_matmul", "onednn", "--kernels", "on"])
+    assert (trained.kernels, trained.cpu_matmul) == ("on", "onednn")

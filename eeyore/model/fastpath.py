@@ -32,14 +32,16 @@ log = logging.getLogger("eeyore.model.fastpath")
 
 
 def add_arguments(parser: Any, style: str = "-") -> None:
-    """The two switches, for the trainers (`style="_"`: --cpu_matmul) and the server (--cpu-matmul)."""
+    """The two switches, for the server (--cpu-matmul; its help states defaults) and the trainers
+    (`style="_"`: --cpu_matmul; their help formatter appends defaults itself)."""
+    default = " (default %(default)s)" if style == "-" else ""
     parser.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
                         help="Triton kernels (RMSNorm, RoPE, SwiGLU) and flash-attn attention: auto = on for a "
-                             "CUDA model when triton imports, off on CPU (default auto)")
+                             "CUDA model when triton imports, off on CPU" + default)
     parser.add_argument(f"--cpu{style}matmul", choices=CPU_MATMUL_MODES, default="auto",
                         help="product for fp32 CPU projections: auto = the fastest measured at start on this "
                              "machine for the model's shapes; blas = F.linear; onednn = oneDNN on the plain "
-                             "weights; packed = oneDNN on packed copies (inference only) (default auto)")
+                             "weights; packed = oneDNN on packed copies (inference only)" + default)
 
 
 def speed_up(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", inference: bool = False) -> dict[str, Any]:
