@@ -16,7 +16,7 @@ import sys
 
 from eeyore.eval.baselines import EXPERIMENTS, REFERENCE_SAMPLING
 from eeyore.eval.client import APIError
-from eeyore.eval.profiles import ProfileError
+from eeyore.profile import ProfileError
 from eeyore.eval.runner import CATEGORIES, EvalConfig, run
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from eeyore.eval.client import ChatClient, Sampling
 from eeyore.eval.interview import Transcript, plain_words
-from eeyore.eval.profiles import Trait
+from eeyore.profile import Trait
 
 JUDGE_SYSTEM = (
     "You are a clinical psychologist who assesses how faithfully a simulated client portrays a "

@@ -26,7 +26,7 @@ from eeyore.eval import authenticity, baselines, conversation, judge
 from eeyore.eval.baselines import REFERENCE_SAMPLING, Simulator, make_simulator
 from eeyore.eval.client import APIError, ChatClient, Sampling
 from eeyore.eval.interview import Transcript, interview, questions_for
-from eeyore.eval.profiles import Profile, Trait, load_profiles, traits
+from eeyore.profile import Profile, Trait, load_profiles, traits
 from eeyore.eval.stats import mean_ci
 
 CATEGORIES = ("mild", "moderate", "severe", "distortion", "overall")
