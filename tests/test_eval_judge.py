@@ -5,7 +5,7 @@ import pytest
 from eval_fakes import FakeEndpoint
 
 from eeyore.profile import Trait
-from eeyore.eval.client import ChatClient, Sampling
+from eeyore.serve.client import ChatClient, Sampling
 from eeyore.eval.interview import Transcript
 from eeyore.eval.judge import JUDGE_SYSTEM, REMINDER, judge_realism, judge_trait, parse_score
 

@@ -164,7 +164,7 @@ async def run_tasks(tasks: list[Task], generate: Generate, generator: str, outpu
 
 
 def openai_generator(args: argparse.Namespace) -> tuple[Generate, Callable[[], Awaitable[None]]]:
-    from eeyore.eval.client import ChatClient, Sampling
+    from eeyore.serve.client import ChatClient, Sampling
 
     client = ChatClient(args.endpoint, args.model, api_key=args.api_key, max_connections=args.concurrency)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from eeyore.eval.client import ChatClient, Sampling
+from eeyore.serve.client import ChatClient, Sampling
 from eeyore.profile import Profile, ProfileError, profile_lines, render_system_prompt
 
 EXPERIMENTS = ("eeyore", "roleplay-doh", "patient-psi")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from eeyore.eval.client import ChatClient, Sampling
+from eeyore.serve.client import ChatClient, Sampling
 from eeyore.eval.interview import Transcript, plain_words
 from eeyore.profile import Trait
 
