@@ -68,3 +68,8 @@ def test_cli_names_an_invalid_profile_in_one_line(tmp_path, capsys):
     assert main([str(bad), str(sample_profiles_path())]) == 2
     err = capsys.readouterr().err
     assert "pred.jsonl line 1: missing field 'profile.age'" in err and err.count("\n") == 1
+
+
+def test_nothing_to_compare_scores_nothing():
+    rows, missing = agreement({}, {"a": SAMPLES[0]["profile"]})
+    assert missing == 1 and all(r.value is None and r.n == 0 for r in rows)

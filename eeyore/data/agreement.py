@@ -56,6 +56,8 @@ def _severity(pairs: list[tuple[Any, Any]], levels: tuple[str, ...], name: str) 
 
 
 def _f1(pairs: list[tuple[bool, bool]], name: str) -> Row:
+    if not pairs:
+        return Row(name, "F1", None, 0)
     tp = sum(p and g for p, g in pairs)
     fp = sum(p and not g for p, g in pairs)
     fn = sum(g and not p for p, g in pairs)
@@ -128,7 +130,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m eeyore.data.agreement",
         description="Per-field agreement of predicted (extracted) profiles with gold profiles, as a Markdown "
         "table and a PNG chart.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("predicted", help="predicted profiles: extract_profiles output (.jsonl) or a profiles .json/.parquet")
     p.add_argument("gold", help="gold profiles, e.g. the shared test profiles (.json list or .jsonl)")

@@ -93,18 +93,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m eeyore.data.build_sft",
         description="Build SFT records (profile as system prompt, client as assistant) from conversations and "
         "their extracted profiles, with filters and a data card.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("conversations", help="conversations: a .json/.jsonl/.parquet file or folder of records with a messages list")
     p.add_argument("profiles", help="profiles by conversation: extract_profiles output, or profile records")
     p.add_argument("--output", required=True, type=Path, help="folder for train.jsonl, README.md and the charts")
-    p.add_argument("--messages-key", default="messages", help="field holding the messages (records with 'conversation' are read too)")
-    p.add_argument("--client-role", default="assistant", help="the role the client speaks in; every other non-system role is the counsellor")
-    p.add_argument("--min-turns", type=int, default=1, help="keep conversations with at least this many client turns")
+    p.add_argument("--messages-key", default="messages", help="field holding the messages (records with 'conversation' are read too) (default: %(default)s)")
+    p.add_argument("--client-role", default="assistant", help="the role the client speaks in; every other non-system role is the counsellor (default: %(default)s)")
+    p.add_argument("--min-turns", type=int, default=1, help="keep conversations with at least this many client turns (default: %(default)s)")
     p.add_argument("--require-trait", action="append", default=[], metavar="TRAIT",
                    help="keep profiles with this trait: mild, moderate, severe, distortion, overall, or a symptom / "
                    "distortion name (repeatable: all are required; default: none)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="drop records longer than this, as the tokenizer counts them in training")
+    p.add_argument("--max-tokens", type=int, default=4096, help="drop records longer than this, as the tokenizer counts them in training (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="checkpoint folder (or cached hub id) whose tokenizer counts tokens (default: the embedded default model)")
     p.add_argument("--chat-template", default=None, help="chat template, as --tokenizer_chat_template of eeyore.train.sft (default: the tokenizer's own)")
     args = p.parse_args(argv)

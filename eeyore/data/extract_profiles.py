@@ -170,8 +170,16 @@ def pending(convs: list[Conversation], args: argparse.Namespace) -> list[Convers
     return [c for c in convs if c.id not in done]
 
 
-async def run(args: argparse.Namespace) -> tuple[int, int]:
-    """Extract every pending conversation; returns (profiles written, conversations rejected)."""
+@dataclass
+class RunStats:
+    written: int = 0  # profiles
+    rejected: int = 0  # conversations
+    requests: int = 0  # answered requests
+    completion_tokens: int = 0
+
+
+async def run(args: argparse.Namespace) -> RunStats:
+    """Extract every pending conversation."""
     convs = load_conversations(args.conversations, args.messages_key, args.client_role, args.max_samples)
     todo = pending(convs, args)
     print(f"{len(convs)} conversations, {len(convs) - len(todo)} done by an earlier run, {len(todo)} to extract",
@@ -181,7 +189,7 @@ async def run(args: argparse.Namespace) -> tuple[int, int]:
                         retries=args.retries)
     extractor = Extractor(client, Sampling(temperature=args.temperature, max_tokens=args.max_tokens), args.attempts)
     gate = asyncio.Semaphore(args.concurrency)
-    counts = [0, 0]
+    stats = RunStats()
     bar = tqdm(total=len(convs), initial=len(convs) - len(todo), desc="profiles", unit="conv")
 
     async def one(conv: Conversation, sink, rejects) -> None:
@@ -192,7 +200,10 @@ async def run(args: argparse.Namespace) -> tuple[int, int]:
         else:
             append_record(rejects, reject_record(conv, out))
             tqdm.write(f"rejected {conv.id} ({conv.where}): {out.reasons[-1] if out.reasons else 'no reason'}"[:400])
-        counts[out.record is None] += 1
+        if out.record is None:
+            stats.rejected += 1
+        else:
+            stats.written += 1
         bar.update(1)
 
     try:
@@ -201,7 +212,8 @@ async def run(args: argparse.Namespace) -> tuple[int, int]:
     finally:
         bar.close()
         await client.close()
-    return counts[0], counts[1]
+    stats.requests, stats.completion_tokens = client.requests, client.completion_tokens
+    return stats
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,23 +221,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m eeyore.data.extract_profiles",
         description="Extract each client's structured profile from real conversations with an LLM, one "
         "request per conversation, validated against the profile schema.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("conversations", help="conversations: a .json/.jsonl/.parquet file or folder of records with a messages list")
     p.add_argument("--output", required=True, type=Path, help="profiles, one JSON line per conversation (appended: a rerun resumes)")
     p.add_argument("--rejects", type=Path, default=None, help="conversations without a valid profile, with reasons (default: OUTPUT's name + .rejects.jsonl)")
-    p.add_argument("--retry-rejected", action="store_true", help="extract the conversations of the rejects file again")
-    p.add_argument("--messages-key", default="messages", help="field holding the messages (records with 'conversation' are read too)")
-    p.add_argument("--client-role", default="assistant", help="the role the client speaks in; every other non-system role is the counsellor")
+    p.add_argument("--retry-rejected", action="store_true", help="extract the conversations of the rejects file again (default: skip them)")
+    p.add_argument("--messages-key", default="messages", help="field holding the messages (records with 'conversation' are read too) (default: %(default)s)")
+    p.add_argument("--client-role", default="assistant", help="the role the client speaks in; every other non-system role is the counsellor (default: %(default)s)")
     p.add_argument("--max-samples", type=int, default=None, help="only the first N conversations (default: all)")
-    p.add_argument("--base-url", default=DEFAULT_URL, help="OpenAI-compatible API base URL (default: the project's server)")
-    p.add_argument("--model", default="default", help="model name sent to the endpoint")
+    p.add_argument("--base-url", default=DEFAULT_URL, help="OpenAI-compatible API base URL (default: %(default)s, where `python -m eeyore.serve` listens)")
+    p.add_argument("--model", default="default", help="model name sent to the endpoint (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="bearer token for the endpoint (default: none)")
-    p.add_argument("--attempts", type=int, default=3, help="requests per conversation before it is rejected")
-    p.add_argument("--retries", type=int, default=3, help="retries of one request on a transient HTTP error (429, 5xx, timeouts)")
-    p.add_argument("--concurrency", type=int, default=8, help="conversations in flight")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
-    p.add_argument("--max-tokens", type=int, default=2048, help="longest reply, in tokens")
+    p.add_argument("--attempts", type=int, default=3, help="requests per conversation before it is rejected (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=3, help="retries of one request on a transient HTTP error (429, 5xx, timeouts) (default: %(default)s)")
+    p.add_argument("--concurrency", type=int, default=8, help="conversations in flight (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="longest reply, in tokens (default: %(default)s)")
     args = p.parse_args(argv)
     for flag in ("attempts", "concurrency", "max_tokens"):
         if getattr(args, flag) < 1:
@@ -238,14 +249,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        written, rejected = asyncio.run(run(args))
+        stats = asyncio.run(run(args))
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: every finished conversation is in {args.output}; rerun to continue", file=sys.stderr)
         return 130
-    print(f"{written} profiles written to {args.output}, {rejected} conversations rejected "
+    print(f"{stats.written} profiles written to {args.output}, {stats.rejected} conversations rejected "
           f"({rejects_path(args)})", file=sys.stderr)
     return 0
 
