@@ -73,7 +73,7 @@ class DecodeStep:
 
 def for_inference(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", compile: bool = False) -> DecodeStep:
     """Swap the fast variants into `model` (inference-only from here) and give its decode step."""
-    speed_up(model, kernels=kernels, cpu_matmul=cpu_matmul, inference=True)
+    speed_up(model, kernels=kernels, cpu_matmul=cpu_matmul, inference=True, may_pack=not compile)
     if compile:
         log.info("decode step compiled with torch.compile: the first step at each batch bucket compiles "
                  "(minutes on CPU)")

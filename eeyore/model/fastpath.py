@@ -44,10 +44,12 @@ def add_arguments(parser: Any, style: str = "-") -> None:
                              "weights; packed = oneDNN on packed copies (inference only)" + default)
 
 
-def speed_up(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", inference: bool = False) -> dict[str, Any]:
+def speed_up(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", inference: bool = False,
+             may_pack: bool = True) -> dict[str, Any]:
     """Swap the faster variants into `model` in place; returns (and logs) what was chosen.
 
-    `inference` allows replacing weights by inference-only copies (no gradient, no saving).
+    `inference` allows replacing weights by inference-only copies (no gradient, no saving) unless
+    `may_pack` is False (a model that will be compiled).
     """
     if kernels not in KERNEL_MODES:
         raise ValueError(f"--kernels {kernels}: use one of {', '.join(KERNEL_MODES)}")
@@ -56,7 +58,7 @@ def speed_up(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", infe
     if summary["kernels"]:
         swap_kernel_modules(model)
     if param.device.type == "cpu" and param.dtype == torch.float32:
-        summary["cpu_matmul"] = _swap_linears(model, cpu_matmul, inference)
+        summary["cpu_matmul"] = _swap_linears(model, cpu_matmul, inference, may_pack)
     log.info("fast path: %s", summary)
     return summary
 
@@ -70,12 +72,12 @@ class ChosenLinear(nn.Linear):
         return products.linear(x, self.weight)
 
 
-def _swap_linears(model: nn.Module, forced: str, inference: bool) -> dict[str, str]:
+def _swap_linears(model: nn.Module, forced: str, inference: bool, may_pack: bool) -> dict[str, str]:
     if forced not in CPU_MATMUL_MODES:
         raise ValueError(f"--cpu-matmul {forced}: use one of {', '.join(CPU_MATMUL_MODES)}")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     shapes = Counter(tuple(m.weight.shape) for m in linears)
-    choice = products.choose([(count, n, k) for (n, k), count in shapes.items()], forced, inference)
+    choice = products.choose([(count, n, k) for (n, k), count in shapes.items()], forced, inference, may_pack)
     for m in linears:
         m.__class__ = ChosenLinear
     if choice["few"] == "packed":  # inference only (`choose` refuses it otherwise)

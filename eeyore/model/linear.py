@@ -100,7 +100,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, product: str | None = None) ->
     if product is None:
         product = _chosen[row_class(x)]
         product = _chosen["few_plain"] if product == "packed" else product
-    if not uses_onednn(x, weight) or product == "blas":
+    # Under torch.compile the compiler picks the product itself (its oneDNN lowering wants
+    # weights it may treat as constants, which a model's parameters are not).
+    if not uses_onednn(x, weight) or product == "blas" or torch.compiler.is_compiling():
         return F.linear(x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _OneDNNLinear.apply(x, weight)
@@ -151,15 +153,19 @@ def _time_one(product: str, x: torch.Tensor, w: torch.Tensor, backward: bool) ->
     return time.perf_counter() - start
 
 
-def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: bool = True) -> dict[str, str]:
+def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: bool = True,
+           may_pack: bool = True) -> dict[str, str]:
     """Measure and `use` the fastest product per row class for these `(count, N, K)` weight shapes.
 
     `forced` names one product for both classes instead (`--cpu-matmul`). Training (`inference`
-    False) measures forward plus backward and never packs. Returns the choice, which is logged.
+    False) measures forward plus backward and never packs; nor does a model about to be compiled
+    (`may_pack` False: the compiler takes plain weights). Returns the choice, which is logged.
     """
     if forced != "auto":
         if forced == "packed" and not inference:
             raise ValueError("--cpu-matmul packed: packed weights are for inference only (they have no gradient)")
+        if forced == "packed" and not may_pack:
+            raise ValueError("--cpu-matmul packed cannot be combined with --compile: the compiler takes plain weights")
         if forced not in PRODUCTS:
             raise ValueError(f"--cpu-matmul {forced}: use auto, {', '.join(PRODUCTS)}")
         use(forced, forced)
@@ -170,7 +176,7 @@ def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: 
         return chosen()
     start = time.perf_counter()
     if inference:
-        few = measure(shapes, ["blas", "onednn", "packed"], rows=1)
+        few = measure(shapes, ["blas", "onednn", "packed"] if may_pack else ["blas", "onednn"], rows=1)
         plain = {k: v for k, v in few.items() if k != "packed"}
         packs = min(few, key=few.get) == "packed"
         many = {"packed": 0.0} if packs else measure(shapes, ["blas", "onednn"], rows=MANY_ROWS_PROBE)
