@@ -153,7 +153,7 @@ def test_reference_command_line_parses():
 def test_bf16_reference_keeps_bf16_shards_and_scores_like_the_policy(ckpt):
     d = init_distributed()
     try:
-        reference = load_reference(argparse.Namespace(ref_pretrain=str(ckpt), bf16=True), d)
+        reference = load_reference(argparse.Namespace(ref_pretrain=str(ckpt), bf16=True, kernels="auto", cpu_matmul="auto"), d)
         policy = load_sharded(str(ckpt), d, zero_stage=3, bf16=True)  # fp32 master weights, bf16 compute
         assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
         assert {p.dtype for p in policy.parameters()} == {torch.float32}
