@@ -26,7 +26,7 @@ from .engine import Engine
 from .request import EngineClosed, EngineError, EngineFull, InvalidRequest, Output
 from .protocol import (
     MAX_MESSAGES,
-    APIError,
+    ErrorReply,
     ParsedRequest,
     bad,
     chat_logprobs,
@@ -93,22 +93,22 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     """Every error leaves in the OpenAI envelope; only our own faults are 5xx."""
     try:
         return await handler(request)
-    except APIError as err:
+    except ErrorReply as err:
         return web.json_response(err.body(), status=err.status, headers=err.headers)
     except web.HTTPException as exc:  # routing (404, 405) and body size (413)
         if exc.status < 400:
             raise
-        err = APIError(exc.status, exc.reason if exc.status != 413 else
+        err = ErrorReply(exc.status, exc.reason if exc.status != 413 else
                        f"the request body is larger than {request.app[SETTINGS].max_body_bytes} bytes")
         return web.json_response(err.body(), status=exc.status)
     except EngineError as exc:  # the engine failed the request (or stopped): said, not a traceback
         status = 503 if request.app[SETTINGS].draining else 500
-        return web.json_response(APIError(status, str(exc)).body(), status=status)
+        return web.json_response(ErrorReply(status, str(exc)).body(), status=status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
         log.exception("internal error on %s", request.path)
-        return web.json_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status=500)
+        return web.json_response(ErrorReply(500, f"internal error: {type(exc).__name__}: {exc}").body(), status=500)
 
 
 @web.middleware
@@ -117,9 +117,9 @@ async def auth_middleware(request: web.Request, handler: Callable) -> web.Stream
     if request.path == "/health":
         return await handler(request)
     if settings.api_key and not key_matches(request.headers.get("Authorization", ""), settings.api_key):
-        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        raise ErrorReply(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
     if settings.draining:
-        raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+        raise ErrorReply(503, "the server is shutting down", headers={"Retry-After": "5"})
     return await handler(request)
 
 
@@ -135,9 +135,9 @@ def key_matches(header: str, key: str) -> bool:
 def ready_engine(app: web.Application) -> Engine:
     loading = app[LOADING]
     if not loading.done():
-        raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
+        raise ErrorReply(503, "the model is still loading", headers={"Retry-After": "5"})
     if loading.exception() is not None:
-        raise APIError(503, f"the model failed to load: {loading.exception()}")
+        raise ErrorReply(503, f"the model failed to load: {loading.exception()}")
     return loading.result()
 
 
@@ -175,7 +175,7 @@ def check_model(request: web.Request, req: ParsedRequest) -> None:
     strict; responses always carry the served name."""
     s = request.app[SETTINGS]
     if s.strict_model_name and req.model is not None and req.model != s.model:
-        raise APIError(404, f"the model '{req.model}' does not exist: this server serves '{s.model}'",
+        raise ErrorReply(404, f"the model '{req.model}' does not exist: this server serves '{s.model}'",
                        "model", "model_not_found")
 
 
@@ -246,10 +246,10 @@ class Generation:
                                                          max_tokens=budget))
         except EngineFull as exc:
             self._abort(reqs)
-            raise APIError(429, f"the server is busy: {exc}", headers={"Retry-After": "1"}) from None
+            raise ErrorReply(429, f"the server is busy: {exc}", headers={"Retry-After": "1"}) from None
         except EngineClosed as exc:
             self._abort(reqs)
-            raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None
+            raise ErrorReply(503, str(exc), headers={"Retry-After": "5"}) from None
         return reqs
 
     def _abort(self, reqs: list) -> None:
@@ -342,7 +342,7 @@ class Generation:
             if self.req.include_usage:
                 await send([], {"usage": self._usage()})
         except EngineError as exc:
-            await resp.write(b"data: " + json.dumps(APIError(500, str(exc)).body()).encode() + b"\n\n")
+            await resp.write(b"data: " + json.dumps(ErrorReply(500, str(exc)).body()).encode() + b"\n\n")
         except ConnectionResetError:  # the client left: the caller's finally aborts the requests
             return resp
         await resp.write(b"data: [DONE]\n\n")

@@ -1,8 +1,8 @@
 """Per-request generation parameters and where their defaults come from.
 
-Defaults are layered in rising priority, as DESIGN §6 asks: transformers' own defaults (which
-sample with top-k 50 unless told otherwise), the checkpoint's `generation_config.json`, the
-server's command-line flags, then the fields of the request. With the reference flags this
+Defaults are layered in rising priority: transformers' own defaults (which sample with top-k 50
+unless told otherwise), the checkpoint's `generation_config.json`, the server's command-line
+flags, then the fields of the request. With the reference flags this
 reproduces the reference server, which sampled through `generate` with those flags and HF's
 implicit top-k of 50. Unlike transformers we ignore `do_sample`: as in every OpenAI-compatible
 server, a request samples unless its temperature is 0.

@@ -1,6 +1,6 @@
 """The OpenAI wire format: request validation into engine inputs, and the response bodies.
 
-Every client mistake becomes an `APIError` with a 4xx status and the OpenAI error envelope
+Every client mistake becomes an `ErrorReply` with a 4xx status and the OpenAI error envelope
 naming the offending field. Unknown fields are ignored, as OpenAI's own API does, except
 features that would silently change the answer (tools, structured output, echo, suffix).
 Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `min_p`, `repetition_penalty`,
@@ -26,7 +26,9 @@ MAX_MESSAGES = 4096  # the server's --max-messages default
 TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: "²" and "١" pass str.isdigit()
 
 
-class APIError(Exception):
+class ErrorReply(Exception):
+    """An error the server answers with: its HTTP status and OpenAI's error envelope."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -47,8 +49,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param, code)
+def bad(message: str, param: str | None = None, code: str | None = None) -> ErrorReply:
+    return ErrorReply(400, message, param, code)
 
 
 @dataclass
