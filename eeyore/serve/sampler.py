@@ -70,10 +70,10 @@ def add_sequence_bias_(logits: torch.Tensor, tables: list[dict[tuple[int, ...], 
 
 def penalise_repetition_(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> None:
     """In place: transformers' penalty on every token of prompt + output (divide a positive logit,
-    multiply a negative one)."""
-    p = penalty[:, None].expand_as(logits)[seen]
-    x = logits[seen]
-    logits[seen] = torch.where(x < 0, x * p, x / p)
+    multiply a negative one). Dense rather than indexed by `seen`: boolean indexing would read
+    the number of seen tokens back from the device every step."""
+    p = penalty[:, None]
+    logits.copy_(torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits))
 
 
 def penalise_presence_frequency_(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> None:
