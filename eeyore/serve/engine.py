@@ -4,9 +4,10 @@ One worker thread owns the model; callers on any thread (or event loop) submit r
 receive `Output` deltas through a callback. Each iteration of the step loop:
 
 1. drops cancelled requests, freeing their slots at once;
-2. prefills waiting requests one at a time into the next free slot, within a token budget, so
-   a long prompt is cut into chunks and never stalls the running streams for long (a prefix
-   already in the cache is copied rather than computed: see `scheduler.py`);
+2. prefills waiting requests in the free slots after the running rows, several in one forward,
+   within a token budget, so a long prompt is cut into chunks and never stalls the running
+   streams for long (a prefix already in the cache is copied rather than computed: see
+   `scheduler.py`);
 3. runs one batched decode step over every running slot and samples a token per row.
 
 Invariant: a prompt is prefilled except for its last token, which the next decode step feeds
@@ -14,9 +15,9 @@ like any other row's last token; so every token, the first included, is chosen b
 batched sampler call. Invariant: running rows are packed in slots [0, n) (the scheduler keeps
 them so), so the decode step is one forward over `cache.rows(0, n)`.
 
-A step that fails ends only the requests it can be blamed on: the prefilling request for a
-prefill, the rows whose sampling failed for the sampler; every running row only when the decode
-forward itself raises.
+A step that fails ends only the requests it can be blamed on: the prompts in a failed prefill,
+the rows whose sampling failed for the sampler; every running row only when the decode forward
+itself raises.
 """
 from __future__ import annotations
 
@@ -262,24 +263,45 @@ class Engine:
             return not self._closing
 
     def _prefill(self) -> None:
-        """Up to `prefill_chunk` prompt tokens into the slot after the running rows. The last
-        prompt token is left to the decode step (the first invariant above)."""
-        s, budget = self.scheduler, self.prefill_chunk
-        while budget > 0 and (req := s.next_to_prefill()) is not None:
-            slot, start = len(s.running), req.prefilled
-            todo = min(len(req.prompt) - 1 - start, budget)
-            if todo > 0:
-                ids = torch.tensor([req.prompt[start : start + todo]], device=self.device)
-                positions = torch.arange(start, start + todo, device=self.device)[None]
-                try:
-                    self.model.hidden_states(ids, positions, self.cache.rows(slot, slot + 1))
-                except Exception as exc:  # this request's prompt failed; the running rows are untouched
-                    _fail(s.take_prefilling(), f"prefill failed: {type(exc).__name__}: {exc}")
-                    continue
-                req.prefilled += todo
-                budget -= todo
+        """Up to `prefill_chunk` prompt tokens, shared first come first served among the requests
+        in the prefill slots, in one forward. The last prompt token is left to the decode step
+        (the first invariant above)."""
+        s = self.scheduler
+        for req in list(s.fill_prefill_slots()):
+            if req.prefilled == len(req.prompt) - 1:  # nothing left to compute (a reused prefix)
+                s.start_running(req)
+        budget, work = self.prefill_chunk, []
+        for req in s.prefilling:  # slots n, n + 1, ...: the rows given work are a prefix of them
+            todo = min(len(req.prompt) - 1 - req.prefilled, budget)
+            if todo <= 0:
+                break
+            work.append((req, todo))
+            budget -= todo
+        if not work:
+            return
+        try:
+            self._prefill_forward(work, len(s.running))
+        except Exception as exc:  # these prompts failed; the running rows are untouched
+            _fail(s.drop_prefilling([r for r, _ in work]), f"prefill failed: {type(exc).__name__}: {exc}")
+            return
+        for req, todo in work:
+            req.prefilled += todo
             if req.prefilled == len(req.prompt) - 1:
-                s.start_running()
+                s.start_running(req)
+
+    def _prefill_forward(self, work: list[tuple[Request, int]], first_slot: int) -> None:
+        """Each request's next `todo` prompt tokens into its slot (first_slot + j), padded to the
+        longest. Padding sits at positions after the row's real ones (clamped to the cache): its
+        keys are written where this row has not been yet, and are overwritten before any query
+        can attend to them."""
+        width, last = max(todo for _, todo in work), self.max_model_len - 1
+        ids, positions = [], []
+        for req, todo in work:
+            start = req.prefilled
+            ids.append(req.prompt[start : start + todo] + [0] * (width - todo))
+            positions.append([min(start + t, last) for t in range(width)])
+        batch = torch.tensor([ids, positions]).to(self.device, non_blocking=True)
+        self.model.hidden_states(batch[0], batch[1], self.cache.rows(first_slot, first_slot + len(work)))
 
     def _decode(self) -> None:
         s = self.scheduler

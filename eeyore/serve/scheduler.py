@@ -2,9 +2,11 @@
 
 No model call happens here; the engine's step loop (`engine.py`) asks the scheduler what to run.
 Invariant, relied on by the decode step: the running requests sit packed in slots [0, n), slot i
-holding `running[i]`, so one decode forward covers `cache.rows(0, n)`. The request being
-prefilled sits at slot n, next to them. A leaver's slot is refilled by moving the last running
-row into it (`remove`).
+holding `running[i]`, so one decode forward covers `cache.rows(0, n)`. The requests being
+prefilled sit right after them, `prefilling[j]` in slot n + j, so one prefill forward covers
+several of them. A leaver's slot is refilled by moving the last running row into it, and the
+prefilling rows move down behind (`remove`); a prefilled request joins the running rows from
+slot n (`start_running`).
 
 Free slots keep the keys and values of the request that left them until they are overwritten
 (`retired`: slot -> the tokens whose entries are there), so a conversation's next turn, which
@@ -33,7 +35,7 @@ class Scheduler:
         self.queued = 0  # submitted and not yet prefilling
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.prefilling: Request | None = None
+        self.prefilling: list[Request] = []
         self.retired: dict[int, list[int]] = {}
         self.rows_changed = True  # the sampler's per-row tensors need rebuilding
         self.reused_prefix_tokens = 0  # prompt tokens taken from the cache instead of computed
@@ -70,31 +72,42 @@ class Scheduler:
             self.waiting = deque(r for r in self.waiting if not r.cancelled)
             with self.lock:
                 self.queued -= len(gone)
-        if self.prefilling is not None and self.prefilling.cancelled:
-            gone.append(self.prefilling)
-            self.prefilling = None
         self.finished(gone)
         self.remove([i for i, r in enumerate(self.running) if r.cancelled])
+        self.drop_prefilling([r for r in self.prefilling if r.cancelled])
 
-    def next_to_prefill(self) -> Request | None:
-        """The request to prefill at slot len(running): the current one, or the next waiting
-        one when a slot is free (its cached prefix, if any, is reused first)."""
-        if self.prefilling is None and self.waiting and len(self.running) < self.slots:
-            self.prefilling = self.waiting.popleft()
+    def fill_prefill_slots(self) -> list[Request]:
+        """Move waiting requests into the free slots after the running rows, reusing any cached
+        prefix of theirs. A request that shares a prefix with one still being prefilled waits
+        for it, so that the shared part is computed once (the n choices of one prompt, the
+        system prompt of one profile)."""
+        while self.waiting and len(self.running) + len(self.prefilling) < self.slots:
+            req = self.waiting[0]
+            if any(_shared_prefix_length(p.prompt, req.prompt, MIN_SHARED_PREFIX) >= MIN_SHARED_PREFIX
+                   for p in self.prefilling):
+                break
+            self.waiting.popleft()
             with self.lock:
                 self.queued -= 1
-            self.reuse_prefix(self.prefilling, len(self.running))
+            self.reuse_prefix(req, len(self.running) + len(self.prefilling))
+            self.prefilling.append(req)
         return self.prefilling
 
-    def start_running(self) -> None:
-        """The prefilling request's prompt is in the cache but for its last token: from now on
-        the decode step feeds that token and every later one."""
-        self.running.append(self.prefilling)
-        self.prefilling = None
+    def start_running(self, req: Request) -> None:
+        """This request's prompt is in the cache but for its last token: from now on the decode
+        step feeds that token and every later one. It joins the running rows at slot n."""
+        j, n = self.prefilling.index(req), len(self.running)
+        if j:  # bring it to slot n: the first prefilling row takes its place
+            first = self.prefilling[0]
+            self.cache.swap_slots(n, n + j, first.prefilled, req.prefilled)
+            self.prefilling[0], self.prefilling[j] = req, first
+        self.prefilling.pop(0)
+        self.running.append(req)
         self.rows_changed = True
 
     def remove(self, indices: list[int]) -> None:
-        """Free the slots of these running rows, keeping the others packed in [0, n)."""
+        """Free the slots of these running rows, keeping the others packed in [0, n) and the
+        prefilling rows right after them."""
         if not indices:
             return
         running = self.running
@@ -108,9 +121,30 @@ class Scheduler:
                 running[i] = running[last]
             self.retired[last] = cached
             running.pop()
-        if self.prefilling is not None and self.prefilling.prefilled:  # it moves down next to them
-            self.copy_slot(before, len(running), self.prefilling.prefilled)
+        self._move_prefilling(before)
         self.rows_changed = True
+
+    def drop_prefilling(self, reqs: list[Request]) -> list[Request]:
+        """Take these requests out of prefilling (cancelled, or their prefill failed)."""
+        if not reqs:
+            return reqs
+        n = len(self.running)
+        self.finished(reqs)
+        old_slots = {id(r): n + j for j, r in enumerate(self.prefilling)}
+        kept = [r for r in self.prefilling if r not in reqs]
+        self.prefilling = kept
+        for j, r in enumerate(kept):  # in rising order: a destination is never a later source
+            if old_slots[id(r)] != n + j and r.prefilled:
+                self.cache.copy_slot(old_slots[id(r)], n + j, r.prefilled)
+        return reqs
+
+    def _move_prefilling(self, start: int) -> None:
+        """The prefilling rows sat from slot `start`; move them down behind the running rows."""
+        n = len(self.running)
+        for j, r in enumerate(self.prefilling):  # in rising order: a destination is never a later source
+            if start != n and r.prefilled:
+                self.copy_slot(start + j, n + j, r.prefilled)
+            self.retired.pop(n + j, None)
 
     def reuse_prefix(self, req: Request, slot: int) -> None:
         """Take the cached keys and values of the longest prompt prefix shared with a running row
@@ -134,17 +168,10 @@ class Scheduler:
         self.retired.pop(dst, None)  # whatever was kept in dst is overwritten
         self.cache.copy_slot(src, dst, length)
 
-    def take_prefilling(self) -> list[Request]:
-        """Drop the request being prefilled (its prefill failed); its slot holds nothing kept."""
-        req, self.prefilling = self.prefilling, None
-        self.retired.pop(len(self.running), None)
-        self.finished([req])
-        return [req]
-
     def take_all(self, waiting: bool) -> list[Request]:
         """Every request in the cache (and, with `waiting`, in line) leaves: a step failed for
         all of them, or the engine stops."""
-        reqs = self.running + ([self.prefilling] if self.prefilling else [])
+        reqs = self.running + self.prefilling
         if waiting:
             with self.lock:
                 reqs += list(self.waiting) + list(self.inbox)
@@ -152,7 +179,7 @@ class Scheduler:
                 self.inbox.clear()
                 self.queued = 0
         self.finished(reqs)
-        self.running, self.prefilling, self.rows_changed = [], None, True
+        self.running, self.prefilling, self.rows_changed = [], [], True
         self.retired.clear()  # a failed step may have left any slot half-written
         return reqs
 
