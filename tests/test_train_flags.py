@@ -186,7 +186,11 @@ def test_tensorboard_events_are_readable_and_checkpoints_follow_the_flags(tiny_c
     # --max_ckpt_mem 0 GiB keeps only the newest resumable checkpoint; HF ones at every save step
     assert sorted(p.name for p in ckpt.iterdir()) == ["global_step2_hf", "global_step4_hf", "global_step6", "global_step6_hf", "latest"]
     assert (ckpt / "global_step4_hf" / "model.safetensors").is_file()
-    _run_sft(tiny_ckpt, tmp_path, "nods", "--max_epochs", "1", "--save_steps", "1", "--disable_ds_ckpt")
+    try:
+        _run_sft(tiny_ckpt, tmp_path, "nods", "--max_epochs", "1", "--save_steps", "1", "--disable_ds_ckpt", "--full_determinism")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)  # process-wide: leave the other tests as they were
     assert not (tmp_path / "nods" / "ckpt").exists()
 
 
