@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from typing import Any, Sequence
 
@@ -116,8 +117,8 @@ def check(cfg: Any, prog: str) -> None:
         refuse(prog, f"--target_modules {' '.join(cfg.target_modules)}", f"choose from {', '.join(PROJECTIONS)} or {ALL_LINEAR}")
     if cfg.lora_rank < 0 or (cfg.lora and not 0 <= cfg.lora_dropout < 1):
         refuse(prog, "--lora_rank/--lora_dropout", "the rank must be >= 0 and the dropout in [0, 1)")
-    if cfg.disable_ds_ckpt and cfg.load_checkpoint and cfg.save_steps > 0:
-        print("warning: --disable_ds_ckpt: no resumable checkpoints will be written, so --load_checkpoint finds only older ones")
+    if cfg.use_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        refuse(prog, "--use_tensorboard", "needs the tensorboard package (pip install tensorboard)")
     if cfg.packing_samples:  # the packing work replaces this refusal with the packed collate and loss
         refuse(prog, "--packing_samples", "sequence packing is not available in this build yet")
     if cfg.kernels == "on":  # likewise replaced when the training kernels are swapped in
