@@ -178,12 +178,13 @@ def bench_variants(args: argparse.Namespace) -> None:
         trainable = sum(p.numel() for p in trainer.params)
         result[name] = (batch.tokens / statistics.median(times), mem.peak, trainable)
         del model, trainer
-    print(f"SFT step variants: {model_dir.name}, {args.batch} x {args.seq} tokens of real conversations, fp32, "
-          f"{torch.get_num_threads()} threads, {device.type}")
-    print(f"{'':14}{'tokens/s':>12}{'peak MiB':>12}{'trained':>14}{'speed':>9}{'memory':>9}")
-    full_rate, full_peak, _ = result["full"]
-    for name, (rate, peak, trainable) in result.items():
-        print(f"{name:14}{rate:12.0f}{peak / 2**20:12.0f}{trainable:14,d}{rate / full_rate:8.2f}x{peak / full_peak:8.2f}x")
+        if name == "full":
+            print(f"SFT step variants: {model_dir.name}, {args.batch} x {args.seq} tokens of real conversations, fp32, "
+                  f"{torch.get_num_threads()} threads, {device.type}")
+            print(f"{'':14}{'tokens/s':>12}{'peak MiB':>12}{'trained':>14}{'speed':>9}{'memory':>9}")
+        rate, peak, _ = result[name]
+        full_rate, full_peak, _ = result["full"]
+        print(f"{name:14}{rate:12.1f}{peak / 2**20:12.0f}{trainable:14,d}{rate / full_rate:8.2f}x{peak / full_peak:8.2f}x", flush=True)
 
 
 def bench_loss(args: argparse.Namespace) -> None:
