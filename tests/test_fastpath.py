@@ -106,8 +106,9 @@ def test_server_and_trainers_take_the_switches():
     served = serve_args(["--kernels", "off", "--cpu-matmul", "packed", "--compile"])
     assert (served.kernels, served.cpu_matmul, served.compile) == ("off", "packed", True)
     assert (serve_args([]).kernels, serve_args([]).cpu_matmul, serve_args([]).compile) == ("auto", "auto", False)
-    trained = sft_args(["--dataset", "x", "--cpu_matmul", "onednn", "--kernels", "on"])
-    assert (trained.kernels, trained.cpu_matmul) == ("on", "onednn")
+    trained = sft_args(["--dataset", "x", "--cpu_matmul", "onednn", "--kernels", "off"])
+    assert (trained.kernels, trained.cpu_matmul) == ("off", "onednn")
+    assert sft_args(["--dataset", "x"]).kernels == "auto"
 
 
 def test_compiled_decode_equals_eager_on_the_embedded_model(smollm2_dir):

@@ -94,7 +94,7 @@ def _swap_linears(model: nn.Module, forced: str, inference: bool, may_pack: bool
 
 # ---------------------------------------------------------------------- kernels
 
-def _triton_kernels() -> Any | None:
+def triton_kernels() -> Any | None:
     """The `kernels` package when it and triton import (any failure: None, kernels stay off)."""
     try:
         import triton  # noqa: F401
@@ -107,8 +107,8 @@ def _use_kernels(mode: str, device: torch.device) -> bool:
     if mode == "off":
         return False
     if mode == "auto":
-        return device.type == "cuda" and _triton_kernels() is not None
-    if _triton_kernels() is None:
+        return device.type == "cuda" and triton_kernels() is not None
+    if triton_kernels() is None:
         raise ValueError("--kernels on: the Triton kernels need triton; pip install triton (or use --kernels off)")
     return True
 
