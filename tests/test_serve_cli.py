@@ -44,7 +44,7 @@ def wait_healthy(url: str, proc: subprocess.Popen) -> None:
             with urllib.request.urlopen(url + "/health", timeout=2) as resp:
                 if resp.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, ConnectionError, TimeoutError):  # a busy machine may answer late
             pass
         assert proc.poll() is None, "the server exited"
         time.sleep(0.2)
