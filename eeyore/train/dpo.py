@@ -34,26 +34,27 @@ from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.weights import resolve_model_dir
 
 from .data import load_rows
-from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs
+from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs, collate_pairs_packed
 from .dpo_loss import DPOLossConfig, preference_loss, response_logps
+from .packing import model_inputs
 from .parallel import Dist, close_distributed, init_distributed, load_sharded, reshard
 from .trainer import Trainer, add_common_args
 
 
 def sequence_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and token-mean response log-probs of every row of the batch (one forward)."""
-    hidden = model.hidden_states(batch.input_ids)
-    return response_logps(hidden, model.lm_head.weight, batch.input_ids, batch.response_mask)
+    hidden = model.hidden_states(batch.input_ids, **model_inputs(batch.packed))
+    return response_logps(hidden, model.lm_head.weight, batch.input_ids, batch.response_mask, batch.packed)
 
 
 class DPORecipe:
     """The DPO objective for `Trainer`: micro-batch in, (loss, metrics) out."""
 
-    def __init__(self, config: DPOLossConfig, pad_id: int, reference: nn.Module | None = None) -> None:
-        self.config, self.pad_id, self.reference = config, pad_id, reference
+    def __init__(self, config: DPOLossConfig, pad_id: int, reference: nn.Module | None = None, packing: bool = False) -> None:
+        self.config, self.pad_id, self.reference, self.packing = config, pad_id, reference, packing
 
     def collate(self, pairs: list[PreferencePair]) -> PairBatch:
-        batch = collate_pairs(pairs, self.pad_id)
+        batch = collate_pairs_packed(pairs) if self.packing else collate_pairs(pairs, self.pad_id)
         if batch.ref_logps is None and self.reference is None:
             raise ValueError("no reference log-probs: precompute them (--ref_offload) or give the recipe a reference model")
         return batch
@@ -156,7 +157,7 @@ def train(args: argparse.Namespace, d: Dist) -> None:
     if not args.ref_offload:
         reference = load_reference(args, d)
 
-    recipe = DPORecipe(loss_config(args), pad_id, reference)
+    recipe = DPORecipe(loss_config(args), pad_id, reference, args.packing_samples)
     Trainer(args, d, model, tokenizer, recipe, pairs["train"], pairs.get("eval")).fit()
 
 

@@ -33,6 +33,7 @@ from eeyore.model.chat import ChatTemplate, TemplateError
 from eeyore.model.tokenizer import Tokenizer
 
 from .data import DataError, Row
+from .packing import PackedLayout, pack
 
 
 @dataclass
@@ -66,10 +67,11 @@ class PairBatch:
     response_mask: torch.Tensor  # [2B, T] bool
     lengths: torch.Tensor  # [2B] real tokens per row; the rest is padding
     ref_logps: torch.Tensor | None = None  # [2B] precomputed reference log-probs, same row order
+    packed: PackedLayout | None = None  # --packing_samples: the 2B sequences lie in one row [1, S]
 
     @property
     def pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
+        return self.lengths.shape[0] // 2
 
     @property
     def tokens(self) -> int:
@@ -78,7 +80,8 @@ class PairBatch:
 
     def to(self, device: torch.device | str) -> "PairBatch":
         ref = None if self.ref_logps is None else self.ref_logps.to(device)
-        return PairBatch(self.input_ids.to(device), self.response_mask.to(device), self.lengths.to(device), ref)
+        packed = None if self.packed is None else self.packed.to(device)
+        return PairBatch(self.input_ids.to(device), self.response_mask.to(device), self.lengths.to(device), ref, packed)
 
 
 def _messages(row: Row, key: str) -> list[dict[str, str]]:
@@ -208,7 +211,23 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> PairBatch:
     for b, (row, start) in enumerate(zip(rows, prompt_lens)):
         input_ids[b, : len(row)] = torch.tensor(row)
         response_mask[b, start : len(row)] = True
-    ref = None
-    if all(p.ref_logps is not None for p in pairs):
-        ref = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs], dtype=torch.float32)
-    return PairBatch(input_ids, response_mask, torch.tensor([len(r) for r in rows]), ref)
+    return PairBatch(input_ids, response_mask, torch.tensor([len(r) for r in rows]), _ref_logps(pairs))
+
+
+def collate_pairs_packed(pairs: list[PreferencePair]) -> PairBatch:
+    """`--packing_samples`: chosen then rejected sequences end to end in one row (`packing.py`).
+
+    A sequence's first token is never scored (nothing of its own sequence precedes it), as
+    position 0 of a padded row.
+    """
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    starts = [max(p.prompt_len, 1) for p in pairs] * 2
+    mask = pack([[False] * start + [True] * (len(row) - start) for row, start in zip(rows, starts)])
+    lengths = [len(r) for r in rows]
+    return PairBatch(pack(rows), mask, torch.tensor(lengths), _ref_logps(pairs), PackedLayout.of(lengths))
+
+
+def _ref_logps(pairs: list[PreferencePair]) -> torch.Tensor | None:
+    if not all(p.ref_logps is not None for p in pairs):
+        return None
+    return torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs], dtype=torch.float32)

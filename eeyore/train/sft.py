@@ -31,6 +31,7 @@ from eeyore.model.tokenizer import Tokenizer
 
 from .data import DataError, Row, load_rows
 from .loss import IGNORE_INDEX, cross_entropy_sum
+from .packing import PackedLayout, model_inputs, pack
 from .parallel import close_distributed, init_distributed, load_sharded
 from .trainer import Trainer, add_common_args
 
@@ -55,12 +56,14 @@ class SFTExample:
 
 @dataclass
 class SFTBatch:
-    input_ids: torch.Tensor  # [B, T] right-padded
-    targets: torch.Tensor  # [B, T] the token each position must predict, IGNORE_INDEX where none
+    input_ids: torch.Tensor  # [B, T] right-padded, or [1, S] packed
+    targets: torch.Tensor  # same shape: the token each position must predict, IGNORE_INDEX where none
     tokens: int  # real tokens, for throughput
+    packed: PackedLayout | None = None  # where the sequences of a packed row lie
 
     def to(self, device: torch.device | str) -> "SFTBatch":
-        return SFTBatch(self.input_ids.to(device), self.targets.to(device), self.tokens)
+        packed = None if self.packed is None else self.packed.to(device)
+        return SFTBatch(self.input_ids.to(device), self.targets.to(device), self.tokens, packed)
 
 
 def _conversation(row: Row, fmt: SFTFormat) -> tuple[list[dict[str, str]], int]:
@@ -145,19 +148,27 @@ def collate(examples: Sequence[SFTExample], pad_id: int) -> SFTBatch:
     return SFTBatch(input_ids, targets, sum(len(e.input_ids) for e in examples))
 
 
+def collate_packed(examples: Sequence[SFTExample]) -> SFTBatch:
+    """`--packing_samples`: every example in one row (`packing.py`); the targets are `collate`'s,
+    and each example's last token predicts nothing, so no target crosses into the next example."""
+    input_ids = pack([e.input_ids for e in examples])
+    targets = pack([e.labels[1:] + [IGNORE_INDEX] for e in examples])
+    return SFTBatch(input_ids, targets, input_ids.shape[1], PackedLayout.of([len(e.input_ids) for e in examples]))
+
+
 def sft_loss(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean NLL over the micro-batch's target tokens; logits exist only one row slice at a time."""
-    hidden = model.hidden_states(batch.input_ids)
+    hidden = model.hidden_states(batch.input_ids, **model_inputs(batch.packed))
     total, count = cross_entropy_sum(hidden, model.lm_head.weight, batch.targets)
     return total / count.clamp(min=1), {}
 
 
 class SFTRecipe:
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, packing: bool = False) -> None:
+        self.pad_id, self.packing = pad_id, packing
 
     def collate(self, examples: list[SFTExample]) -> SFTBatch:
-        return collate(examples, self.pad_id)
+        return collate_packed(examples) if self.packing else collate(examples, self.pad_id)
 
     def loss(self, model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return sft_loss(model, batch)
@@ -208,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         train = _load(args.dataset, args.dataset_split, args, tok, chat, fmt, d.is_main)
         evals = _load(args.eval_dataset, args.eval_split, args, tok, chat, fmt, d.is_main) if args.eval_dataset else None
         pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
-        Trainer(args, d, model, tok, SFTRecipe(pad_id), train, evals).fit()
+        Trainer(args, d, model, tok, SFTRecipe(pad_id, args.packing_samples), train, evals).fit()
     finally:
         close_distributed()
 

@@ -38,6 +38,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -139,8 +140,16 @@ def add_common_args(parser: argparse.ArgumentParser, recipe: str, max_len: int, 
     g.add_argument(
         "--flash_attn", action="store_true",
         help=(
-            "accepted for compatibility: attention always uses PyTorch's fused "
-            "scaled_dot_product_attention (flash kernels on CUDA)"
+            "ask for flash attention: packed rows (--packing_samples) on CUDA use flash-attn's "
+            "variable-length kernel whenever flash-attn is installed, padded rows PyTorch's fused "
+            "attention (its own flash kernel on CUDA); warns when flash-attn cannot be used"
+        ),
+    )
+    g.add_argument(
+        "--packing_samples", action="store_true",
+        help=(
+            "pack each micro-batch's sequences into one row (positions restart per sequence, attention "
+            "stays within it): the padded run's loss and update without computing padding"
         ),
     )
     g.add_argument(
@@ -306,7 +315,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            self._gradient_sync(i == len(micro_batches) - 1)
             loss, metrics = self.recipe.loss(self.model, batch.to(self.d.device))
             (loss / len(micro_batches)).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
@@ -319,6 +329,15 @@ class Trainer:
         means = _mean_over_ranks({**sums, "tokens": torch.tensor(float(tokens))}, len(micro_batches), self.d.device)
         total_tokens = means.pop("tokens") * len(micro_batches) * self.d.world_size
         return {**means, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": total_tokens / (time.perf_counter() - start)}
+
+    def _gradient_sync(self, on: bool) -> None:
+        """Reduce gradients across ranks only in the step's last backward (fewer collectives).
+
+        Not under ZeRO-3: skipping keeps every rank's unsharded fp32 gradients until the last
+        micro-batch, the memory that stage exists to save.
+        """
+        if isinstance(self.model, FSDPModule) and self.args.zero_stage < 3:
+            self.model.set_requires_gradient_sync(on)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
