@@ -148,3 +148,21 @@ def test_import_without_triton_raises_a_clear_error_on_call(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.startswith("ERR kernels: triton is not installed") and "pip install triton" in out
+
+
+def test_training_loss_runs_the_kernel_when_selected():
+    from eeyore.train import loss
+
+    hidden, weight = torch.randn(2, 9, 16), torch.randn(70, 16)
+    targets = torch.randint(0, 70, (2, 9))
+    targets[0, :4] = loss.IGNORE_INDEX
+    expected, expected_grads, up = grads(lambda h, w: loss.cross_entropy_sum(h, w, targets)[0], hidden, weight)
+    loss.use_kernels("on")
+    try:
+        assert loss._fused(hidden)
+        got, got_grads, _ = grads(lambda h, w: loss.cross_entropy_sum(h, w, targets)[0], hidden, weight, upstream=up)
+    finally:
+        loss.use_kernels("auto")
+    assert not loss._fused(hidden)  # auto: the Triton loss is for CUDA tensors only
+    for a, b in zip(got + got_grads, expected + expected_grads):
+        close(a, b)
