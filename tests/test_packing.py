@@ -159,3 +159,30 @@ def test_packed_training_equals_padded_in_one_and_two_processes(recipe, data, tm
     _torchrun(f"eeyore.train.{recipe}", _flags(ckpt, dataset, tmp_path / "padded2", *extra))
     _torchrun(f"eeyore.train.{recipe}", _flags(ckpt, dataset, tmp_path / "packed2", *extra, "--packing_samples"))
     _assert_same_runs(tmp_path / "padded2", tmp_path / "packed2", keys)
+
+
+def test_flash_attn_flag_says_when_it_does_nothing():
+    from eeyore.train.packing import flash_attn_warning
+
+    assert "no effect on the CPU" in flash_attn_warning(torch.device("cpu"), packing=True)
+
+
+def test_gpu_rank_beyond_the_visible_gpus_is_an_error(monkeypatch):
+    from eeyore.train import parallel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parallel.training_device(1) == torch.device("cuda", 1)
+    with pytest.raises(parallel.DeviceError, match="LOCAL_RANK=2 but this node has 2 visible GPU"):
+        parallel.training_device(2)
+
+
+def test_unusable_cuda_is_an_error_not_a_silent_cpu_run(monkeypatch):
+    from eeyore.train import parallel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(parallel, "_gpu_present", lambda: True)
+    with pytest.raises(parallel.DeviceError, match="torch cannot use CUDA"):
+        parallel.training_device(0)
+    monkeypatch.setattr(parallel, "_gpu_present", lambda: False)
+    assert parallel.training_device(0) == torch.device("cpu")

@@ -15,6 +15,7 @@ The loss is then the same token mean over the same targets, so the update is the
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,3 +57,20 @@ def model_inputs(layout: PackedLayout | None) -> dict[str, torch.Tensor]:
 def pack(sequences: Sequence[Sequence[int]]) -> torch.Tensor:
     """The sequences concatenated into one `[1, S]` row."""
     return torch.tensor([x for s in sequences for x in s])[None]
+
+
+def flash_attn_warning(device: torch.device, packing: bool) -> str | None:
+    """What `--flash_attn` cannot do on this run, or None when flash-attn's kernel will run.
+
+    The model picks flash-attn's variable-length kernel by itself for packed rows on CUDA when the
+    package imports; the flag only asks for it, so the user learns when it is not there.
+    """
+    if device.type != "cuda":
+        return "--flash_attn has no effect on the CPU: attention is PyTorch's scaled_dot_product_attention"
+    if importlib.util.find_spec("flash_attn") is None:
+        return ("--flash_attn: flash-attn is not installed (pip install flash-attn --no-build-isolation); "
+                "attention is PyTorch's scaled_dot_product_attention")
+    if not packing:
+        return ("--flash_attn: padded rows use PyTorch's own flash kernel; flash-attn's variable-length "
+                "kernel runs with --packing_samples")
+    return None

@@ -50,11 +50,38 @@ class Dist:
         dist.barrier()
 
 
+class DeviceError(RuntimeError):
+    """The machine has GPUs this process cannot use: stop rather than train on the CPU unnoticed."""
+
+
+def _gpu_present() -> bool:
+    """An NVIDIA driver is loaded and the user did not hide every GPU (CUDA_VISIBLE_DEVICES="" or -1)."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    return torch.version.cuda is not None and os.path.exists("/dev/nvidiactl") and not hidden
+
+
+def training_device(local_rank: int) -> torch.device:
+    """This process's device: GPU `LOCAL_RANK` when CUDA works, the CPU when there is no GPU at all."""
+    if not torch.cuda.is_available():
+        if _gpu_present():
+            raise DeviceError(
+                "a GPU is installed but torch cannot use CUDA (driver, toolkit or torch build mismatch: see "
+                "`python -c 'import torch; torch.cuda.init()'`); set CUDA_VISIBLE_DEVICES= to train on the CPU"
+            )
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DeviceError(
+            f"LOCAL_RANK={local_rank} but this node has {count} visible GPU(s): start at most {count} processes "
+            "per node (torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed() -> Dist:
     """Join the torchrun world (NCCL on CUDA, gloo on CPU), or make a world of one."""
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = training_device(int(os.environ.get("LOCAL_RANK", 0)))
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from eeyore.model.weights import save_checkpoint
 
 from . import checkpoint
+from .packing import flash_attn_warning
 from .parallel import Dist, full_state_dict, reshard
 
 MIN_LR_RATIO = 0.1  # OpenRLHF's cosine_with_min_lr ends at 10 % of the peak rate
@@ -266,6 +267,9 @@ class Trainer:
         self.save_path = Path(args.save_path)
         self.log_path = self.save_path / "train_log.jsonl"
         self.wandb = None
+        note = flash_attn_warning(d.device, args.packing_samples) if args.flash_attn else None
+        if note and d.is_main:
+            print(f"warning: {note}")
 
     # -- data order -------------------------------------------------------------------------
 
