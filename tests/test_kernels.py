@@ -17,7 +17,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels import _triton, apply_rope, linear_cross_entropy, rms_norm, swiglu  # noqa: E402
+from kernels import _triton, apply_rope, linear_cross_entropy, reference, rms_norm, swiglu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1",
                                 reason="the interpreter tests run on CPU tensors")
@@ -46,26 +46,13 @@ def grads(fn, *inputs: torch.Tensor, upstream=None):
     return [o.detach() for o in outs], [t.grad for t in inputs], upstream
 
 
-def reference_rms_norm(x, w, eps):
-    h = x.float()
-    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def test_rms_norm_matches_hf_forward_and_backward():
     x, w = torch.randn(3, 5, 37), torch.randn(37)  # 15 rows, 37 columns: no power of two
     out, g, up = grads(lambda a, b: rms_norm(a, b, 1e-6), x, w)
-    ref_out, ref_g, _ = grads(lambda a, b: reference_rms_norm(a, b, 1e-6), x, w, upstream=up)
+    ref_out, ref_g, _ = grads(lambda a, b: reference.rms_norm(a, b, 1e-6), x, w, upstream=up)
     close(out[0], ref_out[0])
     for a, b in zip(g, ref_g):
         close(a, b)
-
-
-def reference_rope(q, k, cos, sin):
-    def rotate_half(x):
-        a, b = x.chunk(2, dim=-1)
-        return torch.cat((-b, a), dim=-1)
-
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 @pytest.mark.parametrize("cos_batch", [1, 2])
@@ -77,7 +64,7 @@ def test_apply_rope_matches_rotate_half(cos_batch):
     angles = torch.randn(cos_batch, 1, T, D // 2)
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     out, g, up = grads(lambda a, b: apply_rope(a, b, cos, sin), q, k)
-    ref_out, ref_g, _ = grads(lambda a, b: reference_rope(a, b, cos, sin), q, k, upstream=up)
+    ref_out, ref_g, _ = grads(lambda a, b: reference.apply_rope(a, b, cos, sin), q, k, upstream=up)
     for a, b in zip(out + g, ref_out + ref_g):
         close(a, b)
 
@@ -85,7 +72,7 @@ def test_apply_rope_matches_rotate_half(cos_batch):
 def test_swiglu_matches_silu_times_up():
     gate, up = torch.randn(3, 1500) * 4, torch.randn(3, 1500)  # 4500 elements: blocks of 1024 plus a rest
     out, g, upstream = grads(swiglu, gate, up)
-    ref_out, ref_g, _ = grads(lambda a, b: F.silu(a) * b, gate, up, upstream=upstream)
+    ref_out, ref_g, _ = grads(reference.swiglu, gate, up, upstream=upstream)
     for a, b in zip(out + g, ref_out + ref_g):
         close(a, b)
 
@@ -101,7 +88,7 @@ def test_linear_cross_entropy_matches_full_logits(reduction, monkeypatch):
     targets[torch.randperm(N)[:6]] = -100
     up = [torch.tensor(0.7)]
     out, g, _ = grads(lambda h, w: linear_cross_entropy(h, w, targets, reduction=reduction), hidden, weight, upstream=up)
-    ref_out, ref_g, _ = grads(lambda h, w: F.cross_entropy(h @ w.t(), targets, reduction=reduction), hidden, weight, upstream=up)
+    ref_out, ref_g, _ = grads(lambda h, w: reference.linear_cross_entropy(h, w, targets, reduction=reduction), hidden, weight, upstream=up)
     close(out[0], ref_out[0])
     for a, b in zip(g, ref_g):
         close(a, b)
