@@ -176,46 +176,65 @@ def bench_loss(args: argparse.Namespace) -> None:
     print(f"{'ratio':14}{t0 / t1:11.2f}x{m1 / m0:11.2f}x   (speed-up, memory fraction)")
 
 
-def bench_mfu(args: argparse.Namespace) -> None:
-    """Model FLOPs utilisation of our bf16 training step on a Llama-3.2-1B-shaped model (random weights)."""
-    if not torch.cuda.is_available():
-        raise SystemExit("--mfu needs a CUDA device")
-    name = torch.cuda.get_device_name()
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    if peak is None:
-        raise SystemExit(f"unknown peak bf16 FLOP/s for {name}: pass --peak-tflops")
-    config = LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="float32",
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    )
+LLAMA_1B = dict(  # Llama-3.2-1B's shape
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="float32",
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
+
+
+def sft_step_seconds(config: LlamaConfig, batch: int, seq: int, steps: int, bf16: bool) -> tuple[float, int]:
+    """Seconds per SFT optimizer step (FSDP2, world of one) on random weights and tokens, and the
+    parameter count. Two warm-up steps first; the device is the one `init_distributed` picks."""
     d = init_distributed()
     with torch.device("meta"):
         model = Llama(config)
-    shard_model(model, data_parallel_mesh(d, 2), 2, bf16=True, gradient_checkpointing=False)
+    shard_model(model, data_parallel_mesh(d, 2), 2, bf16=bf16, gradient_checkpointing=False)
     model.to_empty(device=d.device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
     model.generation_config = {}
-    flags = ["--dataset", "-", "--train_batch_size", str(args.batch), "--micro_train_batch_size", str(args.batch), "--bf16"]
-    trainer = Trainer(sft.parse_args(flags), d, model, None, sft.SFTRecipe(0), [None] * args.batch)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
-    batch = sft.SFTBatch(ids, ids.roll(-1, 1), ids.numel())
+    flags = ["--dataset", "-", "--train_batch_size", str(batch), "--micro_train_batch_size", str(batch)] + (["--bf16"] if bf16 else [])
+    trainer = Trainer(sft.parse_args(flags), d, model, None, sft.SFTRecipe(0), [None] * batch)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    micro = sft.SFTBatch(ids, ids.roll(-1, 1), ids.numel())
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     for _ in range(2):
-        trainer.train_step([batch])
-    torch.cuda.synchronize()
+        trainer.train_step([micro])
+    sync()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        trainer.train_step([batch])
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    params = sum(p.numel() for p in model.parameters())
-    # PaLM's count: 6 FLOPs per parameter per token (the tied head counted once, the embedding
-    # lookup is free but its matrix is the head's), plus attention's 12 * layers * width * length.
-    flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * args.seq
-    mfu = flops_per_token * ids.numel() / seconds / peak
-    print(f"MFU on {name}: {mfu:.1%} ({ids.numel() / seconds:.0f} tokens/s, {args.batch} x {args.seq}, bf16, peak {peak / 1e12:.0f} TFLOP/s)")
+    for _ in range(steps):
+        trainer.train_step([micro])
+    sync()
+    return (time.perf_counter() - start) / steps, sum(p.numel() for p in model.parameters())
+
+
+def training_flops_per_token(config: LlamaConfig, params: int, seq: int) -> float:
+    """PaLM's count: 6 FLOPs per parameter per token (the tied head counted once, the embedding
+    lookup is free but its matrix is the head's), plus attention's 12 * layers * width * length."""
+    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
+def peak_bf16_flops(override_tflops: float | None = None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def bench_mfu(args: argparse.Namespace) -> None:
+    """Model FLOPs utilisation of our bf16 training step on a Llama-3.2-1B-shaped model (random weights)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--mfu needs a CUDA device")
+    peak = peak_bf16_flops(args.peak_tflops)
+    if peak is None:
+        raise SystemExit(f"unknown peak bf16 FLOP/s for {torch.cuda.get_device_name()}: pass --peak-tflops")
+    config = LlamaConfig(**LLAMA_1B)
+    seconds, params = sft_step_seconds(config, args.batch, args.seq, args.steps, bf16=True)
+    tokens = args.batch * args.seq
+    mfu = training_flops_per_token(config, params, args.seq) * tokens / seconds / peak
+    print(f"MFU on {torch.cuda.get_device_name()}: {mfu:.1%} ({tokens / seconds:.0f} tokens/s, {args.batch} x {args.seq}, bf16, peak {peak / 1e12:.0f} TFLOP/s)")
 
 
 def main() -> None:

@@ -88,6 +88,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, enable_gqa=True)
         elif ctx.cu_seqlens is not None and flash_attn_varlen_func is not None and x.is_cuda:
             out = self._flash_varlen(q, k, v, ctx.cu_seqlens)
+        elif ctx.cu_seqlens is not None:
+            out = packed_attention(q, k, v, ctx.cu_seqlens)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -133,15 +135,21 @@ class Context:
         self.mask, self.kv_len = None, 0
         if cache is not None:
             self.mask, self.kv_len = cache.attention_mask(positions)
-        elif cu_seqlens is not None and not (flash_attn_varlen_func is not None and positions.is_cuda):
-            self.mask = packed_causal_mask(cu_seqlens, positions.shape[1], positions.device)
 
 
-def packed_causal_mask(cu_seqlens: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
-    """Block-diagonal causal mask `[1, 1, T, T]` for sequences packed into one row."""
-    doc = torch.searchsorted(cu_seqlens[1:].to(device), torch.arange(length, device=device), right=True)
-    idx = torch.arange(length, device=device)
-    return ((doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None]))[None, None]
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each sequence of one packed row (`[1, heads, T, D]`).
+
+    Sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]; none attends to another. Attending
+    sequence by sequence costs the sum of their squared lengths, where one block-diagonal mask
+    over the row would cost the row's squared length and rule out the fused causal kernels.
+    """
+    bounds = cu_seqlens.tolist()
+    parts = [
+        F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True)
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(parts, dim=2)
 
 
 class Decoder(nn.Module):
