@@ -2,12 +2,16 @@
 
     python bench/train_bench.py                     # SmolLM2-135M-Instruct, 4 x 512 real tokens, fp32
     python bench/train_bench.py --model DIR --batch 2 --seq 1024 --threads 2
+    python bench/train_bench.py --only packing --batch 4   # --packing_samples against padding, 12 real conversations
     python bench/train_bench.py --mfu               # CUDA only: MFU of a Llama-3.2-1B-shaped model, bf16
 
 Step: both sides train the same model on the same batch of real conversations (the shared test
 set, ChatML, assistant-only targets): eeyore is `Trainer.train_step` (FSDP2 over a world of one,
 sliced cross-entropy, clipping, AdamW); transformers is `model(input_ids, labels=...)`, backward,
 `clip_grad_norm_`, AdamW. They alternate; time is the median of --steps steps after one warm-up.
+Packing: one step over all 12 real conversations (whole, up to --packing-max-len) in micro-batches
+of --batch, padded and with `--packing_samples`, alternating, at learning rate 0 so both sides
+always see the same weights; tokens/s counts real tokens and the first losses must agree.
 Loss: fp32 forward + backward of the loss of `hidden [seq, H] @ W.T` over a 128256 vocabulary,
 sliced against `F.cross_entropy` on the full logits.
 
@@ -176,6 +180,39 @@ def bench_loss(args: argparse.Namespace) -> None:
     print(f"{'ratio':14}{t0 / t1:11.2f}x{m1 / m0:11.2f}x   (speed-up, memory fraction)")
 
 
+def bench_packing(args: argparse.Namespace) -> None:
+    """One SFT step over the 12 real conversations, padded micro-batches against packed ones."""
+    if not PROFILES.is_file():
+        print(f"packing: skipped, {PROFILES} is not available")
+        return
+    model_dir = resolve_model_dir(args.model)
+    tok = Tokenizer.from_pretrained(model_dir)
+    fmt, chat, cut = sft.SFTFormat("messages", None, True, True, 1 << 30), ChatTemplate.for_tokenizer(tok), args.packing_max_len
+    conversations = [r["conversation"] for r in json.loads(PROFILES.read_text())]
+    whole = [sft.make_example(Row({"messages": c}, "profiles"), tok, chat, fmt) for c in conversations]
+    examples = [sft.SFTExample(e.input_ids[:cut], e.labels[:cut]) for e in whole]  # first --packing-max-len tokens
+    examples = examples[: len(examples) - len(examples) % args.batch]
+    d = init_distributed()
+    model = load_sharded(str(model_dir), d, zero_stage=2)
+    # learning rate 0: the weights never change, so every step of either side sees the same model
+    flags = ["--dataset", "-", "--train_batch_size", str(len(examples)), "--micro_train_batch_size", str(args.batch), "--learning_rate", "0"]
+    trainer = Trainer(sft.parse_args(flags), d, model, tok, sft.SFTRecipe(0), examples)
+    groups = [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
+    sides = {"padded": sft.SFTRecipe(tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]), "packed": sft.SFTRecipe(0, packing=True)}
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
+    for _ in range(args.steps):  # alternate the sides: the machine's background load drifts
+        for name, recipe in sides.items():
+            runs[name].append(trainer.train_step([recipe.collate(g) for g in groups]))
+    real = sum(len(e.input_ids) for e in examples)
+    padded = sum(len(g) * max(len(e.input_ids) for e in g) for g in groups)
+    print(f"\nSFT step, {len(examples)} real conversations ({real} tokens, {padded} when padded), micro-batches of {args.batch}, "
+          f"max_len {args.packing_max_len}, {model_dir.name}, fp32, {torch.get_num_threads()} threads, median of {args.steps}")
+    rate = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    for name, v in runs.items():
+        print(f"{name:10}{rate[name]:10.0f} tokens/s   loss {v[0]['loss']:.6f}")
+    print(f"{'ratio':10}{rate['packed'] / rate['padded']:9.2f}x   loss difference {abs(runs['packed'][0]['loss'] - runs['padded'][0]['loss']):.2e}")
+
+
 LLAMA_1B = dict(  # Llama-3.2-1B's shape
     vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
     num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="float32",
@@ -248,7 +285,8 @@ def main() -> None:
     parser.add_argument("--loss-seq", type=int, default=4096, help="tokens of the loss benchmark")
     parser.add_argument("--loss-vocab", type=int, default=128256, help="vocabulary of the loss benchmark")
     parser.add_argument("--loss-hidden", type=int, default=2048, help="hidden size of the loss benchmark (Llama-3.2-1B's)")
-    parser.add_argument("--only", choices=("step", "loss"), default=None, help="run one of the two CPU benchmarks")
+    parser.add_argument("--only", choices=("step", "loss", "packing"), default=None, help="run one of the CPU benchmarks")
+    parser.add_argument("--packing-max-len", type=int, default=2048, help="--max_len of the packing benchmark's conversations")
     parser.add_argument("--mfu", action="store_true", help="CUDA only: MFU of a Llama-3.2-1B-shaped model in bf16 (uses --batch, --seq, --steps)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, when not an H100/H200/A100")
     args = parser.parse_args()
@@ -261,6 +299,8 @@ def main() -> None:
         bench_step(args)
     if args.only in (None, "loss"):
         bench_loss(args)
+    if args.only in (None, "packing"):
+        bench_packing(args)
 
 
 if __name__ == "__main__":

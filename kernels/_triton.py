@@ -11,10 +11,14 @@ run on CPU tensors (slowly: it is how CI checks them, not a fast path).
 from __future__ import annotations
 
 import os
+import sys
 import types
 
 import torch
 
+# The interpreter must be on before triton is first imported (triton.language reads it then):
+# when someone imported triton earlier without it, CPU calls cannot work and say so (`require`).
+_IMPORTED_TOO_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -32,9 +36,15 @@ class KernelsUnavailable(RuntimeError):
     pass
 
 
-def require() -> None:
+def require(x: torch.Tensor) -> None:
+    """Raise a clear error when the kernels cannot run on `x`'s device."""
     if triton is None:
         raise KernelsUnavailable("kernels: triton is not installed; run `pip install triton` (or the [gpu] extra)")
+    if x.device.type == "cpu" and (_IMPORTED_TOO_EARLY or os.environ.get("TRITON_INTERPRET") != "1"):
+        raise KernelsUnavailable(
+            "kernels: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before triton is first imported "
+            "(importing `kernels` first does it when there is no GPU)"
+        )
 
 
 def jit(fn):

@@ -103,7 +103,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, targets, ignore_index, reduction)` for hidden [N, H],
     weight [V, H], targets [N], as an fp32 scalar; gradients for hidden and weight."""
-    _triton.require()
+    _triton.require(hidden)
     if reduction not in ("sum", "mean"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'mean', not {reduction!r}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:

@@ -100,7 +100,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight * (x.float() * rsqrt(mean(x.float()**2, -1) + eps)).to(x.dtype)` over the last dim."""
-    _triton.require()
+    _triton.require(x)
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}")
     return RMSNormFunction.apply(x, weight.contiguous(), eps)

@@ -86,7 +86,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)` in one pass each."""
-    _triton.require()
+    _triton.require(q)
     _check(q, k, cos, sin)
     B = q.shape[0]
     cos, sin = cos.expand(B, -1, -1, -1), sin.expand(B, -1, -1, -1)  # batch stride 0 when broadcast

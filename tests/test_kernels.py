@@ -153,3 +153,18 @@ def test_training_loss_runs_the_kernel_when_selected():
     assert not loss._fused(hidden)  # auto: the Triton loss is for CUDA tensors only
     for a, b in zip(got + got_grads, expected + expected_grads):
         close(a, b)
+
+
+def test_triton_imported_before_the_interpreter_was_on_is_a_clear_error():
+    import subprocess
+    import sys
+
+    code = (
+        "import triton, torch, kernels\n"
+        "try:\n    kernels.swiglu(torch.ones(2), torch.ones(2))\n"
+        "except kernels.KernelsUnavailable as e:\n    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.startswith("ERR kernels: CPU tensors need Triton's interpreter")
