@@ -227,10 +227,11 @@ def parity(ctx: argparse.Namespace) -> dict:
     dtype = torch.bfloat16
     config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=4, rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16")
-    ours = random_model(config, dtype, ctx.device)
+    ours = random_model(config, dtype, torch.device("cpu"))  # saved from the CPU, then both moved
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(tmp)
         theirs = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype).to(ctx.device).eval()
+    ours.to(ctx.device)
     ids = torch.randint(0, config.vocab_size, (2, 64), device=ctx.device)
     with torch.no_grad():
         a, b = ours(ids).float(), theirs(ids).logits.float()

@@ -56,6 +56,11 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def warps(block: int) -> int:
+    """Warps for a program whose tile has `block` elements: one per 256, 1 to 16 (a 4096-wide row gets 16)."""
+    return max(1, min(16, block // 256))
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Buffer a kernel writes completely. Tests replace it with a NaN-filled one to catch gaps."""
     return torch.empty(shape, dtype=dtype, device=device)

@@ -51,14 +51,27 @@ def _slice_rows(vocab: int, itemsize: int) -> int:
     return max(16, _SLICE_BYTES // (vocab * itemsize))
 
 
+_fp32_out_product = True  # until CUDA says otherwise: see add_outer_fp32
+
+
 def add_outer_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a.T @ b for a, b of any float dtype, without an fp32 temporary on CUDA."""
+    """acc (fp32) += a.T @ b for a, b of any float dtype, without an fp32 temporary on CUDA.
+
+    cuBLAS can write a bf16 product straight into fp32 (`addmm` with `out_dtype`). That overload is
+    recent and not yet run here on a GPU, so a build that rejects it falls back, once and for good,
+    to the product in the inputs' dtype converted to fp32 (one [V, H] temporary per call).
+    """
+    global _fp32_out_product
     if a.dtype == acc.dtype:
         acc.addmm_(a.t(), b)
-    elif acc.is_cuda:
-        torch.ops.aten.addmm.dtype_out(acc, a.t(), b, torch.float32, out=acc)
-    else:
-        acc += (a.t() @ b).float()
+        return
+    if acc.is_cuda and _fp32_out_product:
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, a.t(), b, torch.float32, out=acc)
+            return
+        except (RuntimeError, NotImplementedError):
+            _fp32_out_product = False
+    acc += (a.t() @ b).float()
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -72,7 +72,7 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = _triton.empty((rows,), torch.float32, x.device)
         block = _triton.next_power_of_2(cols)
         if rows:
-            _forward[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), cols, eps, BLOCK=block)
+            _forward[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), cols, eps, BLOCK=block, num_warps=_triton.warps(block))
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.reshape(shape)
@@ -87,11 +87,12 @@ class RMSNormFunction(torch.autograd.Function):
             dy2 = dy2.contiguous()
         dx = _triton.empty((rows, cols), x2.dtype, x2.device)
         programs = _programs(rows, x2.device)
+        block = _triton.next_power_of_2(cols)
         partial = _triton.empty((programs, cols), torch.float32, x2.device)
         if rows:
             _backward[(programs,)](
                 dy2, x2, weight, rstd, dx, partial, dy2.stride(0), x2.stride(0), dx.stride(0), rows, cols,
-                programs, BLOCK=_triton.next_power_of_2(cols),
+                programs, BLOCK=block, num_warps=_triton.warps(block),
             )
         else:
             partial.zero_()
