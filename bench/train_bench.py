@@ -190,7 +190,9 @@ def bench_packing(args: argparse.Namespace) -> None:
     fmt, chat, cut = sft.SFTFormat("messages", None, True, True, 1 << 30), ChatTemplate.for_tokenizer(tok), args.packing_max_len
     conversations = [r["conversation"] for r in json.loads(PROFILES.read_text())]
     whole = [sft.make_example(Row({"messages": c}, "profiles"), tok, chat, fmt) for c in conversations]
-    examples = [sft.SFTExample(e.input_ids[:cut], e.labels[:cut]) for e in whole]  # first --packing-max-len tokens
+    # the first --packing-fraction of each conversation (keeps their unequal lengths), at most --packing-max-len tokens
+    keep = [min(cut, max(2, round(len(e.input_ids) * args.packing_fraction))) for e in whole]
+    examples = [sft.SFTExample(e.input_ids[:n], e.labels[:n]) for e, n in zip(whole, keep)]
     examples = examples[: len(examples) - len(examples) % args.batch]
     d = init_distributed()
     model = load_sharded(str(model_dir), d, zero_stage=2)
@@ -206,7 +208,7 @@ def bench_packing(args: argparse.Namespace) -> None:
     real = sum(len(e.input_ids) for e in examples)
     padded = sum(len(g) * max(len(e.input_ids) for e in g) for g in groups)
     print(f"\nSFT step, {len(examples)} real conversations ({real} tokens, {padded} when padded), micro-batches of {args.batch}, "
-          f"max_len {args.packing_max_len}, {model_dir.name}, fp32, {torch.get_num_threads()} threads, median of {args.steps}")
+          f"max_len {args.packing_max_len}, fraction {args.packing_fraction}, {model_dir.name}, fp32, {torch.get_num_threads()} threads, median of {args.steps}")
     rate = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
     for name, v in runs.items():
         print(f"{name:10}{rate[name]:10.0f} tokens/s   loss {v[0]['loss']:.6f}")
@@ -287,6 +289,7 @@ def main() -> None:
     parser.add_argument("--loss-hidden", type=int, default=2048, help="hidden size of the loss benchmark (Llama-3.2-1B's)")
     parser.add_argument("--only", choices=("step", "loss", "packing"), default=None, help="run one of the CPU benchmarks")
     parser.add_argument("--packing-max-len", type=int, default=2048, help="--max_len of the packing benchmark's conversations")
+    parser.add_argument("--packing-fraction", type=float, default=1.0, help="packing benchmark: keep the first fraction of each conversation (a quicker run, same spread of lengths)")
     parser.add_argument("--mfu", action="store_true", help="CUDA only: MFU of a Llama-3.2-1B-shaped model in bf16 (uses --batch, --seq, --steps)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, when not an H100/H200/A100")
     args = parser.parse_args()
