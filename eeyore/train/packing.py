@@ -6,8 +6,8 @@ the row holds only real tokens. Three things keep the result equal to the padded
 
 - positions restart at 0 for every sequence, so RoPE sees the same angles;
 - attention never crosses sequences: the model takes `cu_seqlens` (the sequences' start offsets)
-  and attends block-diagonally (flash-attn's variable-length kernel on CUDA when installed, a
-  block-diagonal causal mask otherwise);
+  and attends within each (flash-attn's variable-length kernel on CUDA when installed, causal
+  attention sequence by sequence otherwise);
 - no target crosses sequences: a sequence's last token predicts nothing, as in its padded row.
 
 The loss is then the same token mean over the same targets, so the update is the padded one too
