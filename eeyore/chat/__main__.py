@@ -194,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     decay = a.exponential_decay_length_penalty
     s = ChatSampling(a.temperature, a.top_p, a.eot_bias, (int(decay[0]), float(decay[1])), a.max_tokens, a.seed,
                      a.eot_ids)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
     loop = asyncio.new_event_loop()
     backend = None
     try:
