@@ -18,7 +18,7 @@ from aiohttp import web
 
 from eeyore.chat.__main__ import build_parser
 from eeyore.chat.backends import ChatSampling
-from eeyore.eval.profiles import DISTORTIONS, FIELDS, SYMPTOMS, load_profiles, render_system_prompt
+from eeyore.profile import DEMOGRAPHIC_FIELDS, DISTORTIONS, SYMPTOMS, load_profiles, render_system_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,8 +210,10 @@ def test_in_process_and_server_give_the_same_conversation(tiny_ckpt, tmp_path):
     from eeyore.serve.engine import Engine
 
     profile = tmp_path / "short.json"  # the byte tokenizer spends a token per byte: keep the prompt short
-    fields = {k: "Cannot be identified" for k in FIELDS}
-    fields |= {"name": "Ana", SYMPTOMS: {"sadness": "Mild"}, DISTORTIONS: {"labeling": "Exhibited"}}
+    fields = dict(load_profiles(None)[0].fields)
+    fields |= {k: "Cannot be identified" for k in DEMOGRAPHIC_FIELDS + ("situation of the client", "counseling history")}
+    for table, shown in ((SYMPTOMS, "Mild"), (DISTORTIONS, "Exhibited")):
+        fields[table] = {k: shown if i == 0 else "Not exhibited" for i, k in enumerate(fields[table])}
     profile.write_text(json.dumps({"profile": fields}))
     lines = "Hello.\nTell me more.\n"
     local = chat(["--profile", str(profile), "--model", str(tiny_ckpt), "--seed", "3", "--max-tokens", "24", "--out", str(tmp_path / "a.json")], lines)

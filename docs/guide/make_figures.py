@@ -148,7 +148,7 @@ def end_of_turn_curves(length: int = 240) -> tuple[dict[str, list[float]], int]:
     show the decay; nothing is sampled, so the figure is the same on every machine). One forward
     pass gives the logits at every position; each setting's processors turn them into the
     probability the sampler would give the end-of-turn token there."""
-    from eeyore.eval.profiles import load_profiles, render_system_prompt
+    from eeyore.profile import load_profiles, render_system_prompt
 
     path = resolve_model_dir(None)
     tok = Tokenizer.from_pretrained(path)

@@ -26,7 +26,7 @@ from typing import Any
 
 from eeyore.chat.backends import ChatError, ChatSampling, EngineBackend, HTTPBackend
 from eeyore.chat.transcript import Transcript
-from eeyore.eval.profiles import Profile, ProfileError, load_profiles, render_system_prompt, validate_profile
+from eeyore.profile import Profile, ProfileError, load_profiles, render_system_prompt, validate_profile
 
 HELP = "/quit (or Ctrl-D, Ctrl-C) ends and saves; /prompt shows the client's system prompt; /help this line"
 
