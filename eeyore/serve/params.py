@@ -1,6 +1,6 @@
 """Per-request generation parameters and where their defaults come from.
 
-Defaults are layered in rising priority, as DESIGN §6 asks: transformers' own defaults (which
+Defaults are layered in rising priority, as the reference server had them: transformers' own defaults (which
 sample with top-k 50 unless told otherwise), the checkpoint's `generation_config.json`, the
 server's command-line flags, then the fields of the request. With the reference flags this
 reproduces the reference server, which sampled through `generate` with those flags and HF's

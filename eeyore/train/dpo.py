@@ -1,6 +1,6 @@
 """DPO on the shared trainer core: `torchrun --nproc_per_node=N -m eeyore.train.dpo ...`.
 
-Accepts the flags of the reference's OpenRLHF DPO script with the same meanings (DESIGN §5),
+Accepts the flags of the reference's OpenRLHF DPO script with the same meanings,
 plus `--ref_pretrain`, `--label_smoothing`, `--ipo`, `--nll_loss_coef`, `--max_samples` and
 the resume flags shared with SFT. The loop itself is `trainer.Trainer`; this file is the recipe:
 chosen and rejected go through one concatenated forward, their summed response log-probs feed
@@ -12,7 +12,7 @@ The reference model never trains and never enters the optimizer. Two ways to run
   no_grad;
 - `--ref_offload`: its log-probs are computed once, before training, for every train and eval
   pair, and the reference is then gone: it holds no accelerator memory during training and
-  costs no forward per step. Valid because its log-probs are deterministic (DESIGN §5). When
+  costs no forward per step. Valid because its log-probs are deterministic. When
   `--ref_pretrain` is the policy's own checkpoint (the default), the policy itself computes
   them before its first update, so no second model is ever loaded; otherwise the reference is
   loaded, used and freed before the policy is loaded. A resumed run recomputes them the same

@@ -1,7 +1,7 @@
 """Supervised fine-tuning: `torchrun --nproc_per_node=N -m eeyore.train.sft` (or plain `python -m`).
 
 The reference's OpenRLHF command runs as is with only the launcher replaced. Records become
-token ids and next-token targets (DESIGN §4):
+token ids and next-token targets:
 
 - chat records (`--apply_chat_template`): with `--multiturn` every assistant turn's content and
   end-of-turn token are targets; without it only the final assistant turn. Messages after the
