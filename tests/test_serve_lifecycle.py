@@ -1,12 +1,15 @@
 """`python -m eeyore.serve` as a real process: flags checked at start-up, the KV cache sized from
 memory, timestamps and `ready` in the log, slow clients timed out, and SIGTERM draining."""
+import asyncio
 import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +17,9 @@ import torch
 from eeyore.model import LlamaConfig
 from eeyore.serve import memory
 from eeyore.serve.__main__ import parse_args, sampling_overrides
+from eeyore.serve.engine import Engine
+from eeyore.serve.lifecycle import drain
+from serve_fixtures import LiveServer
 from test_serve_cli import REFERENCE_ARGV, free_port
 
 GIB = 2**30
@@ -101,13 +107,42 @@ def test_sequence_bias_outside_the_vocabulary_fails_at_start_up(tiny_ckpt, tmp_p
     assert "Traceback" not in proc.stderr
 
 
-def test_ready_header_timeout_and_sigterm_drain(smollm2_dir, tmp_path):
-    """A short request sent before SIGTERM finishes; a long stream is ended after the grace
-    period with an error event and [DONE]; new connections are refused; the process exits 0."""
+def test_drain_lets_running_requests_finish_and_ends_the_rest(tiny_ckpt):
+    """In process, with every decode step slowed to >= 0.1 s: a one-token request finishes
+    within the 10 s grace period, a 480-token one (>= 48 s) cannot and ends with an error event
+    and [DONE]; meanwhile new requests get 503."""
+    srv = LiveServer(lambda: Engine.from_pretrained(tiny_ckpt, max_batch_size=2, max_model_len=512))
+    step = srv.engine._decode_forward
+    srv.engine._decode_forward = lambda running: (time.sleep(0.1), step(running))[1]
+    try:
+        long = open_stream(srv.url, {"messages": [{"role": "user", "content": "Tell me a story."}],
+                                     "max_tokens": 480, "ignore_eos": True})
+        short = open_stream(srv.url, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+        listener = SimpleNamespace(closed=False)
+        listener.close = lambda: setattr(listener, "closed", True)
+        drained = asyncio.run_coroutine_threadsafe(drain(srv.app, listener, 10.0), srv.loop)
+        short_events = events_of(short)
+        assert short_events[-1] == "data: [DONE]"
+        assert json.loads(short_events[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
+        assert listener.closed
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            open_stream(srv.url, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+        assert refused.value.code == 503
+        drained.result(120)
+        long_events = events_of(long)
+        assert long_events[-1] == "data: [DONE]"
+        assert "error" in json.loads(long_events[-2][len("data: "):])
+    finally:
+        srv.close()
+
+
+def test_ready_header_timeout_and_sigterm(smollm2_dir, tmp_path):
+    """The real process: `ready` logged with a timestamp once it answers, a silent connection
+    closed, and on SIGTERM a running stream ended after the grace period with an error event and
+    [DONE], new connections refused, exit status 0."""
     log_path = tmp_path / "server.log"
-    # The grace period is long enough for one token on a loaded machine, far too short for 8000.
     proc, port, log = start(["--max-model-len", "8192", "--max-batch-size", "2", "--header-timeout", "1",
-                             "--shutdown-timeout", "45"], log_path)
+                             "--shutdown-timeout", "1"], log_path)
     try:
         wait_for_line(log_path, "ready: ", proc)
         url = f"http://127.0.0.1:{port}"
@@ -124,23 +159,12 @@ def test_ready_header_timeout_and_sigterm_drain(smollm2_dir, tmp_path):
 
         long = open_stream(url, {"messages": [{"role": "user", "content": "Tell me a story."}],
                                  "max_tokens": 8000, "ignore_eos": True})
-        short = open_stream(url, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
         proc.send_signal(signal.SIGTERM)
-        short_events = events_of(short)
-        assert short_events[-1] == "data: [DONE]"  # finished within the grace period
-        assert json.loads(short_events[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
-        deadline = time.time() + 30
-        while time.time() < deadline:  # the listener closes once the signal is handled
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                time.sleep(0.1)
-            except OSError:
-                break
-        else:
-            raise AssertionError("still accepting connections after SIGTERM")
         long_events = events_of(long)
         assert long_events[-1] == "data: [DONE]"
         assert "error" in json.loads(long_events[-2][len("data: "):])
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:

@@ -264,30 +264,32 @@ class Engine:
 
     def _prefill(self) -> None:
         """Up to `prefill_chunk` prompt tokens, shared first come first served among the requests
-        in the prefill slots, in one forward. The last prompt token is left to the decode step
-        (the first invariant above)."""
-        s = self.scheduler
-        for req in list(s.fill_prefill_slots()):
-            if req.prefilled == len(req.prompt) - 1:  # nothing left to compute (a reused prefix)
-                s.start_running(req)
-        budget, work = self.prefill_chunk, []
-        for req in s.prefilling:  # slots n, n + 1, ...: the rows given work are a prefix of them
-            todo = min(len(req.prompt) - 1 - req.prefilled, budget)
-            if todo <= 0:
-                break
-            work.append((req, todo))
-            budget -= todo
-        if not work:
-            return
-        try:
-            self._prefill_forward(work, len(s.running))
-        except Exception as exc:  # these prompts failed; the running rows are untouched
-            _fail(s.drop_prefilling([r for r, _ in work]), f"prefill failed: {type(exc).__name__}: {exc}")
-            return
-        for req, todo in work:
-            req.prefilled += todo
-            if req.prefilled == len(req.prompt) - 1:
-                s.start_running(req)
+        in the prefill slots, several in one forward. The last prompt token is left to the
+        decode step (the first invariant above). Budget left after a forward goes to requests
+        that were held back by a shared prefix and can now copy it."""
+        s, budget = self.scheduler, self.prefill_chunk
+        while budget > 0:
+            for req in list(s.fill_prefill_slots()):
+                if req.prefilled == len(req.prompt) - 1:  # nothing left to compute (a reused prefix)
+                    s.start_running(req)
+            work = []
+            for req in s.prefilling:  # slots n, n + 1, ...: the rows given work are a prefix of them
+                todo = min(len(req.prompt) - 1 - req.prefilled, budget)
+                if todo <= 0:
+                    break
+                work.append((req, todo))
+                budget -= todo
+            if not work:
+                return
+            try:
+                self._prefill_forward(work, len(s.running))
+            except Exception as exc:  # these prompts failed; the running rows are untouched
+                _fail(s.drop_prefilling([r for r, _ in work]), f"prefill failed: {type(exc).__name__}: {exc}")
+                continue
+            for req, todo in work:
+                req.prefilled += todo
+                if req.prefilled == len(req.prompt) - 1:
+                    s.start_running(req)
 
     def _prefill_forward(self, work: list[tuple[Request, int]], first_slot: int) -> None:
         """Each request's next `todo` prompt tokens into its slot (first_slot + j), padded to the

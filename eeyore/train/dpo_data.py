@@ -1,4 +1,4 @@
-"""Preference records -> token ids -> concatenated chosen/rejected batches (DESIGN §5).
+"""Preference records -> token ids -> concatenated chosen/rejected batches.
 
 A record holds a prompt and two responses, in one of three shapes:
   - `prompt` as a message list, `chosen` / `rejected` as message lists (usually one assistant
