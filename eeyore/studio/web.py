@@ -43,6 +43,7 @@ class ApiError(Exception):
 STUDIO = web.AppKey("studio", object)
 SESSIONS = web.AppKey("sessions", dict)
 TOKENS = web.AppKey("tokens", dict)
+SESSION = web.RequestKey("session", BrowserSession)
 
 
 def create_app(studio: Any, annotator_tokens: dict[str, str] | None) -> web.Application:
@@ -52,7 +53,7 @@ def create_app(studio: Any, annotator_tokens: dict[str, str] | None) -> web.Appl
 
     app = web.Application(middlewares=[guard], client_max_size=2 * 2**20)
     app[STUDIO], app[SESSIONS], app[TOKENS] = studio, {}, annotator_tokens
-    app.router.add_get("/", lambda r: web.HTTPFound("/practice"))
+    app.router.add_get("/", to_practice)
     for path, name in PAGES.items():
         app.router.add_get(path, _page(name))
     app.router.add_static("/static/", STATIC, follow_symlinks=False)
@@ -73,6 +74,10 @@ def create_app(studio: Any, annotator_tokens: dict[str, str] | None) -> web.Appl
     return app
 
 
+async def to_practice(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/practice")
+
+
 def _page(name: str):
     async def handler(request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / name)
@@ -87,11 +92,11 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
     if fresh:
         sid = secrets.token_urlsafe(32)
         sessions[sid] = BrowserSession()
-    request["session"] = sessions[sid]
+    request[SESSION] = sessions[sid]
     try:
         if request.method not in ("GET", "HEAD"):
             sent = request.headers.get("X-CSRF-Token", "")
-            if fresh or not hmac.compare_digest(sent.encode(), request["session"].csrf.encode()):
+            if fresh or not hmac.compare_digest(sent.encode(), request[SESSION].csrf.encode()):
                 raise ApiError(403, "missing or stale CSRF token: reload the page")
         resp = await handler(request)
     except ApiError as exc:
@@ -132,7 +137,7 @@ def who(request: web.Request) -> str:
     """The signed-in annotator (or 'local' when the studio has no annotator list)."""
     if request.app[TOKENS] is None:
         return LOCAL
-    name = request["session"].who
+    name = request[SESSION].who
     if name is None:
         raise ApiError(401, "sign in first (name and the token you were given)")
     return name
@@ -141,7 +146,7 @@ def who(request: web.Request) -> str:
 async def session_info(request: web.Request) -> web.Response:
     studio = studio_of(request)
     tokens = request.app[TOKENS]
-    return web.json_response({"csrf": request["session"].csrf, "who": request["session"].who if tokens else LOCAL,
+    return web.json_response({"csrf": request[SESSION].csrf, "who": request[SESSION].who if tokens else LOCAL,
                               "sign_in": tokens is not None, "backend": studio.backend.label})
 
 
@@ -156,10 +161,10 @@ async def sign_in(request: web.Request) -> web.Response:
     expected = tokens.get(name, secrets.token_urlsafe(32))  # unknown names cost the same comparison
     if not (hmac.compare_digest(token.encode(), expected.encode()) and name in tokens):
         raise ApiError(403, "unknown annotator or wrong token")
-    request["session"].who = name
+    request[SESSION].who = name
     return web.json_response({"who": name})
 
 
 async def sign_out(request: web.Request) -> web.Response:
-    request["session"].who = None
+    request[SESSION].who = None
     return web.json_response({"who": None})
