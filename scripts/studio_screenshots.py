@@ -1,0 +1,131 @@
+"""Screenshots of the studio's pages for docs/studio/, taken with Debian's chromium.
+
+    python scripts/studio_screenshots.py            # the embedded model; writes docs/studio/*.png
+
+Starts `python -m eeyore.studio` on a scratch data directory, has a short practice session with
+the model, queues its last reply for annotation, labels it as two annotators and opens a
+profile with one invalid value, taking a picture of each page. Rerun it when a page changes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 900) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"error: the studio exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/api/practice/profiles") as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    sys.exit(f"error: the studio at {url} was not ready after {seconds:.0f} s")
+
+
+def practice(page, url: str, out: Path) -> None:
+    page.goto(url + "/practice")
+    page.wait_for_selector("body[data-ready='1']")
+    page.get_by_test_id("profile-select").select_option("1")
+    page.locator("#max_tokens").fill("48")
+    page.get_by_test_id("start-session").click()
+    for turn, text in enumerate(["Hi, thanks for coming in. What's been on your mind lately?",
+                                 "That sounds exhausting. When did you last feel rested?"], 1):
+        page.get_by_test_id("message-input").fill(text)
+        page.get_by_test_id("send").click()
+        expect(page.get_by_test_id("client-turn")).to_have_count(turn, timeout=1_200_000)
+        expect(page.locator("[aria-busy]")).to_have_count(0, timeout=1_200_000)
+    page.screenshot(path=out / "practice.png", full_page=True)
+    page.locator("#to-annotate").click()
+    expect(page.locator("#session-state")).to_contain_text("queued", timeout=1_200_000)
+
+
+def annotate(browser, url: str, tokens: dict[str, str], out: Path) -> None:
+    for i, (name, key) in enumerate([("alice", "1"), ("bob", "2")]):
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/annotate")
+        page.locator("#signin-name").fill(name)
+        page.locator("#signin-token").fill(tokens[name])
+        page.locator("#signin-submit").click()
+        page.wait_for_selector("body[data-ready='1']")
+        if i == 0:
+            page.get_by_test_id("rationale").fill("Reply 1 stays vague and tired, like the profile.")
+            page.screenshot(path=out / "annotate.png", full_page=True)
+        page.keyboard.press(key)
+        expect(page.get_by_test_id("progress")).to_contain_text("1 of")
+    page.goto(url + "/annotate/summary")
+    page.wait_for_selector("body[data-ready='1']")
+    page.screenshot(path=out / "summary.png", full_page=True)
+
+
+def profiles(browser, url: str, tokens: dict[str, str], out: Path) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(url + "/profiles")
+    page.locator("#signin-name").fill("alice")
+    page.locator("#signin-token").fill(tokens["alice"])
+    page.locator("#signin-submit").click()
+    page.wait_for_selector("body[data-ready='1']")
+    page.locator("[data-testid^='profile-field-symptom severity/']").first.fill("Very bad")
+    page.get_by_test_id("accept-profile").click()
+    page.get_by_test_id("validation-error").wait_for(state="visible")
+    page.screenshot(path=out / "profiles.png")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint for the replies (default: the embedded model)")
+    p.add_argument("--out", default=str(REPO / "docs" / "studio"), help="where the PNGs go (default docs/studio)")
+    args = p.parse_args()
+    exe = shutil.which("chromium")
+    if exe is None:
+        sys.exit("error: no chromium on PATH (apt-get install chromium)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(tempfile.mkdtemp(prefix="studio-shots-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "eeyore.studio", "--data-dir", str(data), "--port", str(port), "--annotators", "alice,bob"]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        wait_ready(url, proc)
+        tokens = json.loads((data / "annotators.json").read_text())
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+            practice(browser.new_page(viewport={"width": 1280, "height": 900}), url, out)
+            annotate(browser, url, tokens, out)
+            profiles(browser, url, tokens, out)
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(data, ignore_errors=True)
+    print(f"screenshots in {out}: {', '.join(sorted(p.name for p in out.glob('*.png')))}")
+
+
+if __name__ == "__main__":
+    main()
