@@ -1,10 +1,10 @@
-"""Round-1 preference data from SFT conversations: `python -m eeyore.train.make_preferences`.
+"""Round-1 preference data from SFT conversations: `python -m eeyore.data.make_preferences`.
 
 For each sampled assistant (client) turn of a conversation:
   prompt   = the conversation up to that turn, with the real profile as system prompt;
   chosen   = the real client reply;
   rejected = a reply generated for the same dialogue under a *perturbed* profile
-             (eeyore.train.perturb: severities moved, distortions swapped, demographics changed),
+             (eeyore.data.perturb: severities moved, distortions swapped, demographics changed),
              by any OpenAI-compatible endpoint (`--endpoint`) or by our own engine (`--local_model`).
 Each row records its perturbation, the perturbed system prompt and where it came from, and is in
 the shape `python -m eeyore.train.dpo --prompt_key prompt --apply_chat_template` reads.
@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from eeyore.eval.profiles import render_system_prompt
+from eeyore.profile import parse_system_prompt, render_system_prompt
+from eeyore.train.data import DataError, Row, load_rows
 
-from .data import DataError, Row, load_rows
-from .perturb import PerturbConfig, perturb_profile, profile_from_system_prompt
+from .perturb import PerturbConfig, perturb_profile
 
 Generate = Callable[[list[dict[str, str]]], Awaitable[str]]
 
@@ -76,7 +76,7 @@ def profile_of(row: Row, system_prompt: str) -> dict[str, Any]:
     if isinstance(row.record.get("profile"), dict):
         return row.record["profile"]
     try:
-        return profile_from_system_prompt(system_prompt)
+        return parse_system_prompt(system_prompt)
     except ValueError as e:
         raise DataError(f"{row.where}: no 'profile' field and the system prompt cannot be read as one: {e}") from None
 
@@ -164,7 +164,7 @@ async def run_tasks(tasks: list[Task], generate: Generate, generator: str, outpu
 
 
 def openai_generator(args: argparse.Namespace) -> tuple[Generate, Callable[[], Awaitable[None]]]:
-    from eeyore.eval.client import ChatClient, Sampling
+    from eeyore.serve.client import ChatClient, Sampling
 
     client = ChatClient(args.endpoint, args.model, api_key=args.api_key, max_connections=args.concurrency)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
@@ -195,7 +195,7 @@ def local_generator(args: argparse.Namespace) -> tuple[Generate, Callable[[], Aw
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m eeyore.train.make_preferences",
+        prog="python -m eeyore.data.make_preferences",
         description="Build round-1 DPO preference pairs: the real client reply (chosen) against a reply "
         "generated under a perturbed profile (rejected).",
     )
