@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eeyore.eval.profiles import ProfileError, load_profiles, render_system_prompt, validate_profile
+from eeyore.profile import ProfileError, load_profiles, render_system_prompt, validate_profile
 
 __all__ = ["ProfileError", "check_record", "load_records", "system_prompt"]
 
