@@ -187,12 +187,14 @@ def test_profile_edit_invalid_value_rejected_valid_value_saved(browser, served, 
     error = page.get_by_test_id("validation-error")
     error.wait_for(state="visible")
     assert symptom in error.text_content() and "Very bad" in error.text_content()
+    assert field.get_attribute("aria-invalid") == "true"  # the broken field is marked
+    assert page.get_by_test_id("profile-field-occupation").get_attribute("aria-invalid") is None
     assert read_jsonl(data / "profiles/versions.jsonl") == []  # nothing saved
     field.fill("Severe")
     page.get_by_test_id("profile-field-occupation").fill("Retired nurse")
     page.get_by_test_id("accept-profile").click()
     expect(page.locator("#status")).to_have_text(re.compile("^accepted"))
-    assert error.is_hidden()
+    assert error.is_hidden() and field.get_attribute("aria-invalid") is None
     [version] = read_jsonl(data / "profiles/versions.jsonl")
     assert (version["decision"], version["by"], version["version"]) == ("accepted", "local", 1)
     assert version["record"]["profile"]["symptom severity"][symptom] == "Severe"

@@ -99,8 +99,8 @@ async def decide(request: web.Request) -> web.Response:
     if decision != "rejected":
         try:
             check_record(record, where=book.label(key))
-        except ProfileError as exc:
-            raise ApiError(422, str(exc)) from None
+        except ProfileError as exc:  # `errors`: one entry per broken field, for the page to mark
+            return web.json_response({"error": str(exc), "errors": exc.errors}, status=422)
     book.decide(key, decision, record, by)
     return web.json_response(_summary(book, key))
 

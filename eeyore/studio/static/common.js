@@ -42,7 +42,7 @@ function postRaw(path, body) {
 async function postJSON(path, body) {
   const resp = await postRaw(path, body);
   const data = await resp.json();
-  if (!resp.ok) throw Object.assign(new Error(data.error || resp.statusText), { status: resp.status });
+  if (!resp.ok) throw Object.assign(new Error(data.error || resp.statusText), { status: resp.status, errors: data.errors || [] });
   return data;
 }
 

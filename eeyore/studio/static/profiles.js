@@ -36,6 +36,7 @@ function render(p) {
   $("history").replaceChildren(...p.history.map((h) =>
     el("li", { text: `v${h.version} ${h.decision} by ${h.by} at ${new Date(h.time * 1000).toLocaleString()}` })));
   showError($("validation-error"), null);
+  markInvalid([]);
 }
 
 function showMessages(node, messages) {
@@ -56,13 +57,26 @@ function edited() {
 
 async function decide(decision) {
   showError($("validation-error"), null);
+  markInvalid([]);
   try {
     const p = await postJSON(`/api/profiles/${shown.key}/decision`, { decision, record: edited() });
     profiles[profiles.findIndex((q) => q.key === p.key)] = p;
     fillList(p.key);
     render(p);
     $("status").textContent = `${p.status} (saved as version ${p.history.length})`;
-  } catch (e) { showError($("validation-error"), e); }
+  } catch (e) {
+    showError($("validation-error"), e);
+    markInvalid(e.errors || []);
+  }
+}
+
+// The schema names a broken field by its dotted path ('profile.symptom severity.<name>').
+function markInvalid(errors) {
+  for (const node of $("fields").querySelectorAll("[data-path]")) {
+    const dotted = `'${JSON.parse(node.dataset.path).join(".")}'`;
+    const bad = errors.some((msg) => msg.includes(dotted));
+    if (bad) node.setAttribute("aria-invalid", "true"); else node.removeAttribute("aria-invalid");
+  }
 }
 
 function fillList(selected) {
