@@ -160,7 +160,9 @@ def test_ten_annotations_by_two_annotators_with_a_reload_then_one_dpo_step(brows
         assert {r["chosen"][0]["content"], r["rejected"][0]["content"]} <= {c for _, a, b in shown for c in (a, b)}
         assert r["prompt"][-1]["role"] == "user" and set(r["flags"]) == {"chosen", "rejected"}
 
-    summary = open_page(browser, url + "/annotate/summary")
+    summary = bob
+    summary.goto(url + "/annotate/summary")  # annotators only: bob's session is signed in
+    summary.wait_for_selector("body[data-ready='1']")
     row = summary.get_by_test_id("kappa-row").first.locator("td")
     assert row.nth(0).text_content() == "alice · bob" and row.nth(1).text_content() == "4"
 

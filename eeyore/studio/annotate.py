@@ -171,6 +171,7 @@ async def label(request: web.Request) -> web.Response:
 
 
 async def summary(request: web.Request) -> web.Response:
+    who(request)  # annotators only
     studio = studio_of(request)
     return web.json_response(studio.queue.summary(studio.annotators))
 

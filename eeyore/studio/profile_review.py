@@ -81,6 +81,7 @@ def _summary(book: ReviewBook, key: str) -> dict[str, Any]:
 
 
 async def list_profiles(request: web.Request) -> web.Response:
+    who(request)  # reviewers only
     book = studio_of(request).reviews
     return web.json_response({"profiles": [_summary(book, k) for k in book.keys()]})
 
