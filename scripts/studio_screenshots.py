@@ -115,7 +115,7 @@ def main() -> None:
         wait_ready(url, proc)
         tokens = json.loads((data / "annotators.json").read_text())
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+            browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage"])
             practice(browser.new_page(viewport={"width": 1280, "height": 900}), url, out)
             annotate(browser, url, tokens, out)
             profiles(browser, url, tokens, out)

@@ -106,7 +106,7 @@ def chromium_or_skip():
         missing("no chromium executable on PATH (apt-get install chromium)")
     pw = sync_playwright().start()
     try:
-        browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage"])
     except Exception as exc:
         pw.stop()
         missing(f"chromium at {exe} did not start: {str(exc).splitlines()[0]}")

@@ -184,3 +184,15 @@ def test_engine_backend_streams_the_greedy_reply_and_biases_its_own_end_of_turn(
     assert streamed == expected and expected
     saved = c.call(f"/api/practice/sessions/{started['id']}")[1]["messages"]
     assert (saved[-1]["role"], saved[-1]["content"]) == ("assistant", expected)
+
+
+def test_browser_tests_skip_outside_ci_and_fail_under_ci(monkeypatch):
+    import studio_fixtures
+
+    monkeypatch.setattr(studio_fixtures.shutil, "which", lambda name: None)
+    monkeypatch.delenv("EEYORE_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="chromium|playwright"):
+        studio_fixtures.chromium_or_skip()
+    monkeypatch.setenv("EEYORE_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="EEYORE_REQUIRE_BROWSER=1 but"):
+        studio_fixtures.chromium_or_skip()
