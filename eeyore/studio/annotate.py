@@ -180,8 +180,7 @@ async def sample(request: web.Request) -> web.Response:
     """Queue two candidates sampled now for a practice transcript's client turn:
     `{"session": id, "turn": k}` (the k-th client reply, from 1; its conversation so far is the prompt)."""
     backend = ready_backend(request)
-    studio = studio_of(request)
-    who(request)
+    studio = studio_of(request)  # trainees queue items without signing in: the page is theirs
     body = await read_json(request)
     sid, k = body.get("session"), body.get("turn")
     transcript = studio.practice.load(sid if isinstance(sid, str) else "")
