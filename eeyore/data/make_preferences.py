@@ -33,6 +33,7 @@ from tqdm import tqdm
 from eeyore.profile import parse_system_prompt, render_system_prompt
 from eeyore.train.data import DataError, Row, load_rows
 
+from .conversations import append_record, messages_key_of, read_records
 from .perturb import PerturbConfig, perturb_profile
 
 Generate = Callable[[list[dict[str, str]]], Awaitable[str]]
@@ -62,9 +63,10 @@ class Task:
         }
 
 
-def conversation_of(row: Row, messages_key: str) -> list[dict[str, str]]:
-    """SFT records keep messages under `messages_key`; profile records under `conversation`."""
-    key = messages_key if messages_key in row.record or "conversation" not in row.record else "conversation"
+def dialogue_of(row: Row, messages_key: str) -> list[dict[str, str]]:
+    """The messages, system prompt first (SFT records keep them under `messages_key`, profile
+    records under `conversation`)."""
+    key = messages_key_of(row, messages_key)
     messages = row.messages(key)
     if messages[0]["role"] != "system":
         raise DataError(f"{row.where}: field {key!r}: the first message must be the system prompt with the profile")
@@ -85,7 +87,7 @@ def plan(rows: list[Row], messages_key: str, turns: int, seed: int, perturb: Per
     """Every task to run (in input order) and the number of conversations without a client turn."""
     tasks, skipped = [], 0
     for index, row in enumerate(rows):
-        messages = conversation_of(row, messages_key)
+        messages = dialogue_of(row, messages_key)
         candidates = [j for j, m in enumerate(messages) if j > 0 and m["role"] == "assistant"]
         if not candidates:
             skipped += 1
@@ -111,17 +113,11 @@ def done_keys(output: Path) -> set[tuple[int, int]]:
     work = _work_file(output)
     if output.suffix == ".parquet" and output.is_file() and not work.is_file():
         return {(r["source_row"], r["turn"]) for r in pq.read_table(output, columns=["source_row", "turn"]).to_pylist()}
-    if not work.is_file():
-        return set()
-    data = work.read_bytes()
-    if data and not data.endswith(b"\n"):
-        work.write_bytes(data[: data.rfind(b"\n") + 1])
     keys = set()
-    for lineno, line in enumerate(work.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, record in enumerate(read_records(work), start=1):
         try:
-            record = json.loads(line)
             keys.add((record["source_row"], record["turn"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except KeyError:
             raise DataError(f"{work} line {lineno}: not a preference row written by this tool; "
                             "pass a new --output or remove the file") from None
     return keys
@@ -147,8 +143,7 @@ async def run_tasks(tasks: list[Task], generate: Generate, generator: str, outpu
         async with gate:
             reply = (await generate(task.perturbed_prompt)).strip()
         if reply:
-            sink.write(json.dumps(task.to_record(reply, generator), ensure_ascii=False) + "\n")
-            sink.flush()
+            append_record(sink, task.to_record(reply, generator))
         else:
             empty += 1
         bar.update(1)

@@ -182,3 +182,44 @@ def traits(profile: Profile) -> list[Trait]:
     if overall:
         out.append(Trait("overall", overall))
     return out
+
+
+# What each free-text field holds: the descriptions of `json_schema` (what a model filling in a
+# profile reads) and of any form that edits one.
+FIELD_NOTES: dict[str, str] = {
+    "name": f"the client's name, or {UNKNOWN!r}",
+    "gender": f"Female, Male, Non-binary, or {UNKNOWN!r}",
+    "age": f"0~24, 25~44, 45~64, 65 or older, or {UNKNOWN!r}",
+    "marital status": f"e.g. Single, Married, Divorced, Widowed, In a long-term relationship, or {UNKNOWN!r}",
+    "occupation": f"e.g. Student, Nurse, Unemployed, or {UNKNOWN!r}",
+    "situation of the client": "two or three sentences on what brings the client here, in the third person",
+    "counseling history": "earlier counselling or therapy, or N/A",
+    RESISTANCE: "Low, Medium or High",
+    DEPRESSION: "Minimal, Mild, Moderate or Severe Depression, then ' - ' and one sentence of reasons",
+    SUICIDAL: "No suicidal ideation, or Mild, Moderate or Severe suicidal ideation",
+    HOMICIDAL: "No homicidal ideation, or Mild, Moderate or Severe homicidal ideation",
+}
+
+
+def json_schema(evidence: bool = True) -> dict[str, Any]:
+    """The JSON Schema of {"profile": ..., "evidence": ...}: every field required in `profile`,
+    the nested labels as enums; `evidence` mirrors `profile` with quotes and is optional per field."""
+    def table(names: tuple[str, ...], value: dict) -> dict:
+        return {"type": "object", "properties": {n: value for n in names}, "required": list(names),
+                "additionalProperties": False}
+
+    nested = {SYMPTOMS: (SYMPTOM_NAMES, SYMPTOM_LEVELS), DISTORTIONS: (DISTORTION_NAMES, DISTORTION_LEVELS)}
+    fields = {
+        name: table(nested[name][0], {"type": "string", "enum": list(nested[name][1])}) if name in nested
+        else {"type": "string", "description": FIELD_NOTES[name]}
+        for name in FIELDS
+    }
+    profile = {"type": "object", "properties": fields, "required": list(FIELDS), "additionalProperties": False}
+    schema: dict[str, Any] = {"type": "object", "properties": {"profile": profile}, "required": ["profile"],
+                              "additionalProperties": False}
+    if evidence:
+        quote = {"type": "string", "description": "a short verbatim quote from the conversation"}
+        quotes = {name: {**table(nested[name][0], quote), "required": []} if name in nested else quote
+                  for name in FIELDS}
+        schema["properties"]["evidence"] = {"type": "object", "properties": quotes, "additionalProperties": False}
+    return schema
