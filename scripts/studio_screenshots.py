@@ -2,9 +2,11 @@
 
     python scripts/studio_screenshots.py            # the embedded model; writes docs/studio/*.png
 
-Starts `python -m eeyore.studio` on a scratch data directory, has a short practice session with
-the model, queues its last reply for annotation, labels it as two annotators and opens a
-profile with one invalid value, taking a picture of each page. Rerun it when a page changes.
+Starts `python -m eeyore.studio` on a scratch data directory with an annotation queue cut from
+the sample profiles' conversations (the real client reply against a generic helper-style one),
+has a short practice session with the model, labels the first item as two annotators and opens
+a profile with one invalid value, taking a picture of each page. Rerun it when a page changes
+(`--pages` retakes some of them).
 """
 from __future__ import annotations
 
@@ -59,8 +61,24 @@ def practice(page, url: str, out: Path) -> None:
         expect(page.get_by_test_id("client-turn")).to_have_count(turn, timeout=1_200_000)
         expect(page.locator("[aria-busy]")).to_have_count(0, timeout=1_200_000)
     page.screenshot(path=out / "practice.png", full_page=True)
-    page.locator("#to-annotate").click()
-    expect(page.locator("#session-state")).to_contain_text("queued", timeout=1_200_000)
+
+
+GENERIC = "I'm sorry to hear that. Here are a few tips that might help: 1) keep a regular sleep schedule, 2) reach out to friends."
+
+
+def pairs_file(path: Path) -> Path:
+    """Items from the sample conversations: the prompt up to a client reply, that reply vs GENERIC."""
+    from eeyore.profile import load_profiles, render_system_prompt
+
+    rows = []
+    for p in load_profiles(None):
+        conv = [m for m in p.record.get("conversation") or [] if m["role"] != "system"]
+        turn = next((j for j, m in enumerate(conv) if m["role"] == "assistant" and j >= 3), None)
+        if turn is not None:
+            prompt = [{"role": "system", "content": render_system_prompt(p.record)}, *conv[:turn]]
+            rows.append({"prompt": prompt, "candidates": [conv[turn]["content"], GENERIC]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def annotate(browser, url: str, tokens: dict[str, str], out: Path) -> None:
@@ -98,6 +116,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint for the replies (default: the embedded model)")
     p.add_argument("--out", default=str(REPO / "docs" / "studio"), help="where the PNGs go (default docs/studio)")
+    p.add_argument("--pages", default="practice,annotate,profiles", help="the pages to photograph; annotate "
+                   "includes the agreement summary (default practice,annotate,profiles)")
     args = p.parse_args()
     exe = shutil.which("chromium")
     if exe is None:
@@ -107,7 +127,8 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="studio-shots-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "eeyore.studio", "--data-dir", str(data), "--port", str(port), "--annotators", "alice,bob"]
+    cmd = [sys.executable, "-m", "eeyore.studio", "--data-dir", str(data), "--port", str(port), "--annotators", "alice,bob",
+           "--pairs", str(pairs_file(data / "pairs.jsonl"))]
     if args.model:
         cmd += ["--model", args.model]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -116,9 +137,13 @@ def main() -> None:
         tokens = json.loads((data / "annotators.json").read_text())
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage"])
-            practice(browser.new_page(viewport={"width": 1280, "height": 900}), url, out)
-            annotate(browser, url, tokens, out)
-            profiles(browser, url, tokens, out)
+            pages = set(args.pages.split(","))
+            if "practice" in pages:
+                practice(browser.new_page(viewport={"width": 1280, "height": 900}), url, out)
+            if "annotate" in pages:
+                annotate(browser, url, tokens, out)
+            if "profiles" in pages:
+                profiles(browser, url, tokens, out)
             browser.close()
     finally:
         proc.terminate()
