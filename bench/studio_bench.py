@@ -42,12 +42,14 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def trainee(url: str, i: int, turns: int, max_tokens: int, ttft: list, turn_s: list, first_ttft: list) -> tuple[str, list[str], list[str]]:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # cookies for an IP host
         csrf = (await (await http.get(f"{url}/api/session")).json())["csrf"]
         headers = {"X-CSRF-Token": csrf}
         profiles = (await (await http.get(f"{url}/api/practice/profiles")).json())["profiles"]
         body = {"record": profiles[i % len(profiles)]["record"], "settings": {"max_tokens": max_tokens}}
-        sid = (await (await http.post(f"{url}/api/practice/sessions", json=body, headers=headers)).json())["id"]
+        started = await http.post(f"{url}/api/practice/sessions", json=body, headers=headers)
+        started.raise_for_status()
+        sid = (await started.json())["id"]
         sent, replies = [], []
         for t in range(turns):
             text = LINES[t % len(LINES)]

@@ -82,7 +82,7 @@ def pairs_file(path: Path) -> Path:
 
 
 def annotate(browser, url: str, tokens: dict[str, str], out: Path) -> None:
-    for i, (name, key) in enumerate([("alice", "1"), ("bob", "2")]):
+    for i, (name, key) in enumerate([("alice", "choose-a"), ("bob", "choose-b")]):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url + "/annotate")
         page.locator("#signin-name").fill(name)
@@ -92,7 +92,7 @@ def annotate(browser, url: str, tokens: dict[str, str], out: Path) -> None:
         if i == 0:
             page.get_by_test_id("rationale").fill("Reply 1 stays vague and tired, like the profile.")
             page.screenshot(path=out / "annotate.png", full_page=True)
-        page.keyboard.press(key)
+        page.get_by_test_id(key).click()  # the keys work too, but not while the rationale has the focus
         expect(page.get_by_test_id("progress")).to_contain_text("1 of")
     page.goto(url + "/annotate/summary")
     page.wait_for_selector("body[data-ready='1']")
