@@ -109,6 +109,7 @@ def profiles(browser, url: str, tokens: dict[str, str], out: Path) -> None:
     page.locator("[data-testid^='profile-field-symptom severity/']").first.fill("Very bad")
     page.get_by_test_id("accept-profile").click()
     page.get_by_test_id("validation-error").wait_for(state="visible")
+    page.locator("header").scroll_into_view_if_needed()
     page.screenshot(path=out / "profiles.png")
 
 

@@ -75,7 +75,7 @@ def _profile(body: dict[str, Any]) -> dict[str, Any]:
     try:
         return check_record(body.get("record"))
     except ProfileError as exc:
-        raise ApiError(422, str(exc)) from None
+        raise ApiError(422, "the profile does not follow the schema: " + "; ".join(exc.errors)) from None
 
 
 async def list_profiles(request: web.Request) -> web.Response:

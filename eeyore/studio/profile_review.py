@@ -99,9 +99,9 @@ async def decide(request: web.Request) -> web.Response:
     record = book.record(key) if decision == "rejected" else body.get("record")
     if decision != "rejected":
         try:
-            check_record(record, where=book.label(key))
+            check_record(record)
         except ProfileError as exc:  # `errors`: one entry per broken field, for the page to mark
-            return web.json_response({"error": str(exc), "errors": exc.errors}, status=422)
+            return web.json_response({"error": "; ".join(exc.errors), "errors": exc.errors}, status=422)
     book.decide(key, decision, record, by)
     return web.json_response(_summary(book, key))
 
