@@ -29,11 +29,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 from eeyore.model import Llama, LlamaConfig
 from eeyore.model.weights import load_state_dict, resolve_model_dir
+
+from .lora import LoRASpec, add_adapters, initial_adapters
 
 
 @dataclass
@@ -93,27 +95,34 @@ def enable_activation_checkpointing(block: torch.nn.Module) -> None:
     block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def shard_model(model: Llama, mesh: DeviceMesh, zero_stage: int, bf16: bool, gradient_checkpointing: bool) -> Llama:
+def shard_model(
+    model: Llama, mesh: DeviceMesh, zero_stage: int, bf16: bool, gradient_checkpointing: bool, cpu_offload: bool = False,
+) -> Llama:
     # bf16 compute copies of fp32 master weights; gradients are reduced (and kept) in fp32.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # --adam_offload: sharded weights, gradients and so the optimizer state and update stay on the
+    # CPU; pinned memory only speeds up copies to a GPU (and needs one).
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for block in model.model.layers:
         if gradient_checkpointing:
             enable_activation_checkpointing(block)
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=zero_stage == 3)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=zero_stage == 3, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, offload_policy=offload)
     register_fsdp_forward_method(model, "hidden_states")  # the loss calls it, not forward
     return model
 
 
 def load_sharded(
     name_or_path: str | None, d: Dist, zero_stage: int = 2, bf16: bool = False, gradient_checkpointing: bool = False,
-    store_dtype: torch.dtype = torch.float32,
+    store_dtype: torch.dtype = torch.float32, lora: LoRASpec | None = None, cpu_offload: bool = False,
 ) -> Llama:
     """The checkpoint at `name_or_path` (None: the default model) as an FSDP2 model.
 
     Its shards are kept in `store_dtype`: fp32 master weights for a model that trains; a frozen
     model that computes in bf16 anyway (the DPO reference under `--bf16`) can keep bf16 shards,
-    which gives the same outputs at half the memory.
+    which gives the same outputs at half the memory. With `lora` the base is frozen and adapters
+    (initialised on rank 0, like the weights) are added before sharding; `cpu_offload` keeps the
+    shards on the CPU (`--adam_offload`).
     """
     if d.is_main:  # may convert the default model on first use: once, before the others look
         resolve_model_dir(name_or_path)
@@ -122,11 +131,15 @@ def load_sharded(
     config = LlamaConfig.from_file(model_dir)
     with torch.device("meta"):
         model = Llama(config).to(store_dtype)
-    shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing)
-    model.to_empty(device=d.device)
+    if lora is not None:
+        add_adapters(model, lora)
+    shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing, cpu_offload)
+    model.to_empty(device="cpu" if cpu_offload else d.device)
     full = load_state_dict(model_dir, store_dtype) if d.is_main else {}
     if d.is_main and config.tie_word_embeddings:
         full["lm_head.weight"] = full["model.embed_tokens.weight"]
+    if d.is_main and lora is not None:
+        full.update({k: v.to(store_dtype) for k, v in initial_adapters(model, lora).items()})
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     gen = model_dir / "generation_config.json"
     model.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
