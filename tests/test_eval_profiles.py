@@ -1,15 +1,13 @@
 """Profiles: schema validation, the two system-prompt renderings, and the trait plan."""
 import copy
 import json
-from pathlib import Path
 
 import pytest
 
 from eeyore.eval import ProfileError, load_profiles, render_system_prompt, traits
 from eeyore.eval.profiles import severity_level, validate_profile
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared test profiles not present")
+from shared_data import SHARED_PROFILES as SHARED, needs_shared
 
 
 @needs_shared

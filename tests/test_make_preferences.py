@@ -17,8 +17,9 @@ from eeyore.train.perturb import (
 from eval_fakes import FakeEndpoint
 from serve_fixtures import tiny_checkpoint
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
-RECORDS = json.loads(DATA.read_text())
+from shared_data import shared_records
+
+RECORDS = shared_records()  # skips this module in a clone without the real profiles
 
 
 def lookup(profile: dict, field: str):
