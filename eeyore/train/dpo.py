@@ -36,7 +36,7 @@ from eeyore.model.weights import resolve_model_dir
 from .data import load_rows
 from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs
 from .dpo_loss import DPOLossConfig, preference_loss, response_logps
-from .parallel import Dist, close_distributed, init_distributed, load_sharded, reshard
+from .parallel import Dist, launch, load_sharded, reshard
 from .trainer import Trainer, add_common_args
 
 
@@ -194,12 +194,9 @@ def loss_config(args: argparse.Namespace) -> DPOLossConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    d = init_distributed()
-    torch.manual_seed(args.seed)
-    try:
+    with launch() as d:
+        torch.manual_seed(args.seed)
         train(args, d)
-    finally:
-        close_distributed()
 
 
 if __name__ == "__main__":

@@ -19,11 +19,15 @@ parameters gathered until backward).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
 import os
+import sys
+import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -74,6 +78,38 @@ def close_distributed() -> None:
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Errors a user can act on (bad data, flags, paths, a checkpoint that does not fit): one line each.
+# Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+TRACEBACK_ENV = "EEYORE_TRACEBACK"  # set to 1 to see the traceback of a user error too
+OTHER_RANKS_REPORT_AFTER_S = 5.0
+
+
+@contextlib.contextmanager
+def launch() -> Iterator[Dist]:
+    """The process group of one training run, as `with launch() as d: ...` in a recipe's `main()`.
+
+    A user error (`USER_ERRORS`) ends the process with one line on stderr and exit status 1
+    instead of a traceback. Every rank usually meets the same error (each reads the same data and
+    flags), so rank 0 alone reports it; another rank reports only if it is still alive a few
+    seconds later, i.e. when rank 0 did not fail too (torchrun stops the other ranks as soon as
+    one exits with an error).
+    """
+    d = init_distributed()
+    try:
+        yield d
+    except USER_ERRORS as exc:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        if not d.is_main:
+            time.sleep(OTHER_RANKS_REPORT_AFTER_S)
+        prefix = "" if d.is_main else f"rank {d.rank}: "
+        print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        close_distributed()
 
 
 def data_parallel_mesh(d: Dist, zero_stage: int) -> DeviceMesh:

@@ -31,7 +31,7 @@ from eeyore.model.tokenizer import Tokenizer
 
 from .data import DataError, Row, load_rows
 from .loss import IGNORE_INDEX, cross_entropy_sum
-from .parallel import close_distributed, init_distributed, load_sharded
+from .parallel import launch, load_sharded
 from .trainer import Trainer, add_common_args
 
 
@@ -195,8 +195,7 @@ def _load(spec: str, split: str, args: argparse.Namespace, tok: Tokenizer, chat:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    d = init_distributed()
-    try:
+    with launch() as d:
         torch.manual_seed(args.seed)
         model = load_sharded(args.pretrain, d, args.zero_stage, args.bf16, args.gradient_checkpointing)
         tok = Tokenizer.from_pretrained(model.name_or_path)
@@ -209,8 +208,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         evals = _load(args.eval_dataset, args.eval_split, args, tok, chat, fmt, d.is_main) if args.eval_dataset else None
         pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
         Trainer(args, d, model, tok, SFTRecipe(pad_id), train, evals).fit()
-    finally:
-        close_distributed()
 
 
 if __name__ == "__main__":
