@@ -1,6 +1,6 @@
 """DPO on the shared trainer core: `torchrun --nproc_per_node=N -m eeyore.train.dpo ...`.
 
-Accepts the flags of the reference's OpenRLHF DPO script with the same meanings (DESIGN §5),
+Accepts the flags of the reference's OpenRLHF DPO script with the same meanings,
 plus `--ref_pretrain`, `--label_smoothing`, `--ipo`, `--nll_loss_coef`, `--max_samples` and
 the resume flags shared with SFT. The loop itself is `trainer.Trainer`; this file is the recipe:
 chosen and rejected go through one concatenated forward, their summed response log-probs feed
@@ -12,7 +12,7 @@ The reference model never trains and never enters the optimizer. Two ways to run
   no_grad;
 - `--ref_offload`: its log-probs are computed once, before training, for every train and eval
   pair, and the reference is then gone: it holds no accelerator memory during training and
-  costs no forward per step. Valid because its log-probs are deterministic (DESIGN §5). When
+  costs no forward per step. Valid because its log-probs are deterministic. When
   `--ref_pretrain` is the policy's own checkpoint (the default), the policy itself computes
   them before its first update, so no second model is ever loaded; otherwise the reference is
   loaded, used and freed before the policy is loaded. A resumed run recomputes them the same
@@ -33,7 +33,7 @@ from eeyore.model.chat import ChatTemplate
 from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.weights import resolve_model_dir
 
-from .data import load_rows
+from .data import data_warnings, load_rows
 from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs
 from .dpo_loss import DPOLossConfig, preference_loss, response_logps
 from .parallel import Dist, launch, load_sharded, reshard
@@ -134,10 +134,14 @@ def train(args: argparse.Namespace, d: Dist) -> None:
         datasets["eval"] = (args.eval_dataset, args.eval_split)
     pairs: dict[str, list[PreferencePair]] = {}
     for name, (spec, split) in datasets.items():
-        pairs[name], dropped = build_pairs(load_rows(spec, split, args.max_samples), tokenizer, fmt, args.max_len, template, d.is_main)
+        rows = load_rows(spec, split, args.max_samples)
+        pairs[name], dropped = build_pairs(rows, tokenizer, fmt, args.max_len, template, d.is_main)
         if d.is_main:
-            print(f"{name}: {len(pairs[name])} preference pairs from {spec} ({split}); {dropped} dropped: "
-                  f"prompt of >= max_len - 2 = {args.max_len - 2} tokens")
+            print(f"{name}: {len(pairs[name])} preference pairs from {spec} ({split}); dropped {dropped['too_long']} "
+                  f"whose prompt has >= max_len - 2 = {args.max_len - 2} tokens and {dropped['empty_response']} "
+                  f"with an empty chosen or rejected response")
+            for line in data_warnings(rows, spec):
+                print(line)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]
     every_pair = [p for split_pairs in pairs.values() for p in split_pairs]
 

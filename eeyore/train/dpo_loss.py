@@ -1,4 +1,4 @@
-"""The DPO objective: summed response log-probabilities and the preference losses (DESIGN §5).
+"""The DPO objective: summed response log-probabilities and the preference losses.
 
 With z = (π_c − π_r) − (ref_c − ref_r), the log-ratio margin of the policy over the reference:
   sigmoid DPO (label smoothing ε, "conservative DPO"):  −(1−ε)·logσ(βz) − ε·logσ(−βz)

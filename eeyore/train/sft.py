@@ -1,7 +1,7 @@
 """Supervised fine-tuning: `torchrun --nproc_per_node=N -m eeyore.train.sft` (or plain `python -m`).
 
 The reference's OpenRLHF command runs as is with only the launcher replaced. Records become
-token ids and next-token targets (DESIGN §4):
+token ids and next-token targets, as OpenRLHF makes them:
 
 - chat records (`--apply_chat_template`): with `--multiturn` every assistant turn's content and
   end-of-turn token are targets; without it only the final assistant turn. Messages after the
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from eeyore.model.chat import ChatTemplate, TemplateError, tokenize_conversation
 from eeyore.model.tokenizer import Tokenizer
 
-from .data import DataError, Row, load_rows
+from .data import DataError, Row, data_warnings, load_rows
 from .loss import IGNORE_INDEX, cross_entropy_sum
 from .parallel import launch, load_sharded
 from .trainer import Trainer, add_common_args
@@ -65,13 +65,10 @@ class SFTBatch:
 
 def _conversation(row: Row, fmt: SFTFormat) -> tuple[list[dict[str, str]], int]:
     """The messages of a chat record and how many of them form the prompt of `--output_key`."""
-    value = row.field(fmt.input_key)
-    prompt = [{"role": "user", "content": value}] if isinstance(value, str) else row.messages(fmt.input_key)
+    prompt = row.chat(fmt.input_key, "user")
     if fmt.output_key is None:
         return prompt, 0
-    value = row.field(fmt.output_key)
-    response = [{"role": "assistant", "content": value}] if isinstance(value, str) else row.messages(fmt.output_key)
-    return prompt + response, len(prompt)
+    return prompt + row.chat(fmt.output_key, "assistant"), len(prompt)
 
 
 def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
@@ -91,21 +88,25 @@ def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -
     return ids[: spans[-1][1]], spans
 
 
-def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]]:
+def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """Prompt + response + eos and the response's span; None for an empty response."""
     if fmt.output_key is None:
         raise DataError(f"{row.where}: plain-text records need --output_key (or use --apply_chat_template for messages)")
     prompt = tok.encode(row.text(fmt.input_key))
-    response = tok.encode(row.text(fmt.output_key).rstrip("\n"))
+    text = row.text(fmt.output_key)
+    if not text.strip():
+        return None
+    response = tok.encode(text.rstrip("\n"))
     if not response or response[-1] != tok.eos_ids[0]:
         response.append(tok.eos_ids[0])
     return prompt + response, [(len(prompt), len(prompt) + len(response))]
 
 
 def make_example(row: Row, tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat) -> SFTExample | str:
-    """The example of one record, or why it is left out ("no_assistant" / "too_long")."""
+    """The example of one record, or why it is left out ("no_assistant" / "empty_response" / "too_long")."""
     made = _chat_tokens(row, tok, chat, fmt) if chat is not None else _text_tokens(row, tok, fmt)
     if made is None:
-        return "no_assistant"
+        return "no_assistant" if chat is not None else "empty_response"
     ids, spans = made
     if spans[-1][0] >= fmt.max_len - 2:  # the prompt of the last trained turn leaves no room
         return "too_long"
@@ -185,11 +186,14 @@ def _load(spec: str, split: str, args: argparse.Namespace, tok: Tokenizer, chat:
     rows = load_rows(spec, split, args.max_samples)
     examples, counts = build_examples(rows, tok, chat, fmt, spec, show)
     if show:
+        empty = f", {counts['empty_response']} with an empty response" if counts["empty_response"] else ""
         print(
             f"{spec} [{split}]: {len(examples)} examples from {len(rows)} records; dropped "
-            f"{counts['too_long']} whose prompt has >= max_len-2 = {fmt.max_len - 2} tokens and "
-            f"{counts['no_assistant']} without an assistant turn; cut to max_len: {counts['truncated']}"
+            f"{counts['too_long']} whose prompt has >= max_len-2 = {fmt.max_len - 2} tokens{empty} and "
+            f"{counts['no_assistant']} without a non-empty assistant turn; cut to max_len: {counts['truncated']}"
         )
+        for line in data_warnings(rows, spec):
+            print(line)
     return examples
 
 
