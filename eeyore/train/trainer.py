@@ -28,6 +28,7 @@ metric the recipe returns (eval lines carry them with an `eval_` prefix).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -367,28 +368,34 @@ class Trainer:
         if self.wandb is not None and (self.step % self.args.logging_steps == 0 or any(k.startswith("eval_") for k in record)):
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
 
+    @functools.cached_property
+    def run_facts(self) -> dict[str, Any]:
+        """What decides this run's loss curve: a checkpoint must share it to be resumed (checkpoint.check_run)."""
+        args = self.args
+        return {
+            "train_examples": len(self.train), "train_data": checkpoint.data_digest(self.train),
+            "train_batch_size": args.train_batch_size, "seed": args.seed, "max_epochs": args.max_epochs,
+            "total_steps": self.total_steps, "warmup_steps": math.ceil(self.total_steps * args.lr_warmup_ratio),
+            "lr_scheduler": getattr(args, "lr_scheduler", "cosine_with_min_lr"), "learning_rate": args.learning_rate,
+        }
+
     def _trainer_state(self) -> dict[str, Any]:
         recipe_state = self.recipe.state_dict() if hasattr(self.recipe, "state_dict") else {}
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "scheduler": self.scheduler.state_dict(), "recipe": recipe_state,
-            "train_examples": len(self.train), "train_batch_size": self.args.train_batch_size, "seed": self.args.seed,
+            "scheduler": self.scheduler.state_dict(), "recipe": recipe_state, **self.run_facts,
         }
 
     def _save_checkpoint(self) -> None:
         checkpoint.save(self.args.ckpt_path, self.step, self.model, self.optimizer, self._trainer_state(), self.d, self.args.max_ckpt_num)
 
     def _resume(self) -> None:
-        path = checkpoint.latest(self.args.ckpt_path)
-        if path is None:
+        found = checkpoint.resume(self.args.ckpt_path, self.model, self.optimizer, self.d, self.run_facts)
+        if found is None:
             if self.d.is_main:
                 print(f"--load_checkpoint: no checkpoint in {self.args.ckpt_path}; starting from the pretrained model")
             return
-        state = checkpoint.load(path, self.model, self.optimizer, self.d)
-        expected = {"train_examples": len(self.train), "train_batch_size": self.args.train_batch_size, "seed": self.args.seed}
-        changed = {k: (state[k], v) for k, v in expected.items() if state[k] != v}
-        if changed:
-            raise ValueError(f"{path}: cannot resume exactly, the data order changed (saved vs now: {changed})")
+        path, state = found
         self.scheduler.load_state_dict(state["scheduler"])
         if hasattr(self.recipe, "load_state_dict"):
             self.recipe.load_state_dict(state["recipe"])
