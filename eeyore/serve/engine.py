@@ -31,7 +31,7 @@ from tqdm import tqdm
 from eeyore.model import KVCache, Llama
 from eeyore.model.chat import ChatTemplate, TemplateError
 from eeyore.model.tokenizer import Tokenizer
-from eeyore.model.weights import resolve_model_dir
+from eeyore.model.pretrained import resolve_model_dir
 
 from .params import SamplingParams, checkpoint_defaults, eos_ids_of, layered_defaults
 from .request import (Completion, ContextLengthError, EngineClosed, EngineError, EngineFull, InvalidRequest, Output,

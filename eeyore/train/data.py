@@ -26,16 +26,17 @@ What `Row.messages` does with messages that are not plainly system / user / assi
 """
 from __future__ import annotations
 
-import json
-import os
-import re
 import dataclasses
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from eeyore.model.lookup import hub_cache, resolve_hub_path
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 _SPLIT_WORDS = ("train", "test", "validation", "valid", "dev", "eval")
@@ -141,33 +142,13 @@ def load_rows(spec: str, split: str = "train", max_samples: int | None = None) -
 
 
 def _locate(spec: str) -> Path:
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    cached = _hub_snapshot(spec)
-    if cached is not None:
-        return cached
-    raise FileNotFoundError(
-        f"dataset {spec!r}: no such file or folder, and no snapshot of a hub dataset of that name in "
-        f"{_hub_cache()} (this machine is offline: download it elsewhere and pass its folder)"
-    )
-
-
-def _hub_cache() -> Path:
-    if "HF_HUB_CACHE" in os.environ:
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-
-
-def _hub_snapshot(repo_id: str) -> Path | None:
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
-        return None
-    repo = _hub_cache() / ("datasets--" + repo_id.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
-        return repo / "snapshots" / ref.read_text().strip()
-    snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
-    return snapshots[-1] if snapshots else None
+    try:
+        return resolve_hub_path(spec, "datasets")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"dataset {spec!r}: no such file or folder, and no snapshot of a hub dataset of that name in "
+            f"{hub_cache()} (this machine is offline: download it elsewhere and pass its folder)"
+        ) from None
 
 
 def _files(path: Path, split: str) -> list[Path]:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from eeyore.model.chat import ChatTemplate
 from eeyore.model.tokenizer import Tokenizer
-from eeyore.model.weights import resolve_model_dir
+from eeyore.model.pretrained import resolve_model_dir
 
 from .data import data_warnings, load_rows
 from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs

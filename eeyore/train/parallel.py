@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import json
 import os
 import sys
 import time
@@ -36,8 +35,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
-from eeyore.model import Llama, LlamaConfig
-from eeyore.model.weights import load_state_dict, resolve_model_dir
+from eeyore.model import Llama
+from eeyore.model.pretrained import load_pretrained, resolve_model_dir
 
 
 @dataclass
@@ -147,27 +146,21 @@ def load_sharded(
 ) -> Llama:
     """The checkpoint at `name_or_path` (None: the default model) as an FSDP2 model.
 
-    Its shards are kept in `store_dtype`: fp32 master weights for a model that trains; a frozen
-    model that computes in bf16 anyway (the DPO reference under `--bf16`) can keep bf16 shards,
-    which gives the same outputs at half the memory.
+    The one checkpoint loader (`eeyore.model.pretrained`) with a sharding step: rank 0 alone reads
+    the weights, and they are broadcast into the shards. Shards are kept in `store_dtype`: fp32
+    master weights for a model that trains; a frozen model that computes in bf16 anyway (the DPO
+    reference under `--bf16`) can keep bf16 shards, which gives the same outputs at half the memory.
     """
     if d.is_main:  # may convert the default model on first use: once, before the others look
         resolve_model_dir(name_or_path)
     d.barrier()
-    model_dir = resolve_model_dir(name_or_path)
-    config = LlamaConfig.from_file(model_dir)
-    with torch.device("meta"):
-        model = Llama(config).to(store_dtype)
-    shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing)
-    model.to_empty(device=d.device)
-    full = load_state_dict(model_dir, store_dtype) if d.is_main else {}
-    if d.is_main and config.tie_word_embeddings:
-        full["lm_head.weight"] = full["model.embed_tokens.weight"]
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    gen = model_dir / "generation_config.json"
-    model.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
-    model.name_or_path = str(model_dir)
-    return model
+
+    def distribute(model: Llama, full: dict[str, torch.Tensor]) -> None:
+        shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing)
+        model.to_empty(device=d.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+    return load_pretrained(Llama, name_or_path, store_dtype, "cpu", distribute=distribute, read=d.is_main)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
