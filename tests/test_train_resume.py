@@ -3,6 +3,8 @@ onto the same curve. A tiny byte-level model and made-up conversations: no share
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,27 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(root, baseli
     (["--lr_warmup_ratio", "0.5"], "warmup_steps 1 -> 2"),
     (["--seed", "7"], "seed 42 -> 7"),
 ])
+class Planted:
+    """What a crafted `.metadata` could hold: unpickling it would create the marker folder."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_crafted_metadata_file_is_refused_not_run(root, baseline, capsys):
+    sft.main(flags(root, "crafted"))
+    step4 = root / "crafted" / "ckpt" / "global_step4"
+    marker = root / "crafted" / "ran"
+    (step4 / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
+    sft.main(flags(root, "crafted", "--load_checkpoint"))
+    assert not marker.exists()
+    assert "posix.mkdir is not part of checkpoint metadata; not unpickled" in capsys.readouterr().out
+    assert curve(root, "crafted") == baseline[0]
+
+
 def test_resume_refuses_a_changed_schedule_rate_or_seed(root, baseline, change, named, capsys):
     with pytest.raises(SystemExit) as exit:
         sft.main(flags(root, "base", "--load_checkpoint", *change))

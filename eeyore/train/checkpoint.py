@@ -20,14 +20,16 @@ scheduler, learning rate). Resuming with any of them changed is refused: the run
 on a different curve than the one it started, without saying so.
 
 What resuming unpickles: `trainer.pt` and `rng_rank*.pt` load with `weights_only=True` (tensors
-and plain values only); the model and optimizer shards are raw tensor bytes; but
-torch.distributed.checkpoint reads `.metadata` with Python's `pickle`, which can run code.
-Resume only from checkpoints you trust.
+and plain values only) and the shards are raw tensor bytes. torch.distributed.checkpoint writes
+`.metadata` with Python's `pickle` and would read it back with `pickle.load`, which runs whatever
+a crafted file asks for; we read it with an unpickler that builds only the classes such a file is
+made of (`_METADATA_CLASSES`) and refuses anything else, as an unreadable checkpoint.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .parallel import Dist
@@ -155,12 +158,48 @@ def _agreed(d: Dist, read):
     # whatever a damaged file makes the readers raise (dcp gathers the ranks' errors into a
     # CheckpointException, which is a BaseException)
     except (Exception, dcp.CheckpointException) as exc:
+        if isinstance(exc, dcp.CheckpointException):  # name the first rank's own error, not the wrapper
+            exc = next(iter(exc.failures.values()))[0]
         result, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     failed = torch.tensor([float(bool(error))], device=d.device)
     dist.all_reduce(failed)
     if failed.item():
         raise _Unreadable(error or "unreadable on another rank")
     return result
+
+
+# Everything a dcp `.metadata` file is made of: its dataclasses, tensor sizes, dtypes, layouts,
+# memory formats and paths. Building these runs no code beyond setting their fields.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not dtype and name not in _METADATA_CLASSES.get(module, ()):
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata; not unpickled")
+        return super().find_class(module, name)
+
+
+class _Reader(dcp.FileSystemReader):
+    """dcp's file reader, with `.metadata` read by `_MetadataUnpickler` instead of `pickle.load`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as fh:
+            metadata = _MetadataUnpickler(fh).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _load_shards(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> None:
@@ -170,7 +209,7 @@ def _load_shards(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     rng_state = torch.load(rng, weights_only=True) if rng.is_file() else None
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=_Reader(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if rng_state is not None:
         _set_rng_state(rng_state)
