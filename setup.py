@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Train, serve and evaluate Llama-3.1 patient simulators in plain PyTorch",
     packages=find_packages(include=["eeyore", "eeyore.*", "kernels", "kernels.*"]),
-    package_data={"eeyore": ["eval/data/*.json"]},
+    package_data={"eeyore": ["eval/data/*.json", "profile/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",

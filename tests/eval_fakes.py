@@ -2,6 +2,7 @@
 uses the project's real server instead)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from aiohttp import web
@@ -16,8 +17,8 @@ def completion(text: str, model: str = "fake") -> dict[str, Any]:
 class FakeEndpoint:
     """`async with FakeEndpoint(respond) as ep:` serves POST {ep.base_url}/chat/completions.
 
-    respond(body) returns the reply text, or (status, error message) to fail the request.
-    Every request body is kept in ep.requests (and its headers in ep.headers)."""
+    respond(body) returns the reply text, or (status, error message) to fail the request; it may
+    be a coroutine function (to hold a request back). Every request body is kept in ep.requests (and its headers in ep.headers)."""
 
     def __init__(self, respond: Callable[[dict[str, Any]], str | tuple[int, str]]):
         self.respond = respond
@@ -29,6 +30,8 @@ class FakeEndpoint:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         out = self.respond(body)
+        if inspect.isawaitable(out):
+            out = await out
         if isinstance(out, tuple):
             status, message = out
             return web.json_response({"error": {"message": message, "type": "fake", "param": None, "code": None}},

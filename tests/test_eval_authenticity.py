@@ -96,7 +96,7 @@ def test_real_clients_look_like_the_literature():
 
 @needs_shared
 def test_compare_real_with_itself_is_perfect_and_assistant_speech_is_not():
-    from eeyore.eval import load_profiles
+    from eeyore.profile import load_profiles
 
     real = A.load_reference()
     turns = [t for p in load_profiles(SHARED) for t in p.client_turns()]
@@ -120,7 +120,7 @@ def test_empty_simulation_has_no_score():
 
 
 def test_reference_cli_writes_a_reference_that_loads(tmp_path):
-    from eeyore.eval.profiles import sample_profiles_path
+    from eeyore.profile import sample_profiles_path
 
     out = tmp_path / "ref.json"
     A.main([str(sample_profiles_path()), "--out", str(out)])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eeyore.eval import load_profiles, traits
+from eeyore.profile import load_profiles, traits
 from eeyore.eval.__main__ import main as eval_main
 from eeyore.eval.interview import questions_for
 from eeyore.eval.report import main as report_main

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from eeyore.eval import Trait, load_profiles, traits
+from eeyore.profile import Trait, load_profiles, traits
 from eeyore.eval.interview import (DISTORTION_PLAIN_WORDS, OVERALL_QUESTIONS, interview, plain_words,
                                    questions_for)
 

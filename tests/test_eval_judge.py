@@ -4,8 +4,8 @@ import asyncio
 import pytest
 from eval_fakes import FakeEndpoint
 
-from eeyore.eval import Trait
-from eeyore.eval.client import ChatClient, Sampling
+from eeyore.profile import Trait
+from eeyore.serve.client import ChatClient, Sampling
 from eeyore.eval.interview import Transcript
 from eeyore.eval.judge import JUDGE_SYSTEM, REMINDER, judge_realism, judge_trait, parse_score
 

@@ -6,10 +6,10 @@ import json
 import pytest
 from eval_fakes import FakeEndpoint
 
-from eeyore.eval import ProfileError, load_profiles, traits
+from eeyore.profile import ProfileError, load_profiles, traits
 from eeyore.eval.__main__ import main as cli_main, parse_args
 from eeyore.eval.baselines import PRINCIPLES, make_simulator, patient_psi_prompt
-from eeyore.eval.client import ChatClient, Sampling
+from eeyore.serve.client import ChatClient, Sampling
 from eeyore.eval.conversation import COUNSELLOR_SYSTEM, OPENING
 from eeyore.eval.interview import questions_for
 from eeyore.eval.judge import JUDGE_SYSTEM

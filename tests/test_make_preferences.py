@@ -8,11 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from eeyore.eval.profiles import render_system_prompt
-from eeyore.train.make_preferences import make_preferences, parse_args
-from eeyore.train.perturb import (
-    DEPRESSION_LEVELS, DISTORTIONS, SYMPTOM_LEVELS, PerturbConfig, _parse_level, perturb_profile,
-    profile_from_system_prompt,
+from eeyore.data.make_preferences import make_preferences, parse_args
+from eeyore.data.perturb import PerturbConfig, perturb_profile
+from eeyore.profile import (
+    DEPRESSION_LEVELS, DISTORTIONS, SYMPTOM_LEVELS, parse_system_prompt, read_level, render_system_prompt,
 )
 from eval_fakes import FakeEndpoint
 from serve_fixtures import tiny_checkpoint
@@ -32,9 +31,9 @@ def lookup(profile: dict, field: str):
 def test_system_prompt_reads_back_into_the_profile():
     for record in RECORDS:
         prompt = record["conversation"][0]["content"]
-        assert render_system_prompt(profile_from_system_prompt(prompt)) == prompt
+        assert render_system_prompt(parse_system_prompt(prompt)) == prompt
     with pytest.raises(ValueError, match="training-style"):
-        profile_from_system_prompt("You are a helpful assistant.")
+        parse_system_prompt("You are a helpful assistant.")
 
 
 def test_perturbation_contradicts_the_profile_and_records_each_change():
@@ -54,7 +53,7 @@ def test_perturbation_contradicts_the_profile_and_records_each_change():
             assert lookup(perturbed, change["field"]) == change["to"] != change["from"]
             levels = SYMPTOM_LEVELS if change["field"].startswith("symptom") else DEPRESSION_LEVELS
             if change["field"].startswith("symptom") or change["field"] == "depression severity":
-                old, new = _parse_level(change["from"], levels)[0], _parse_level(change["to"], levels)[0]
+                old, new = read_level(change["from"], levels)[0], read_level(change["to"], levels)[0]
                 assert (old < 2) != (new < 2)  # moved across the middle of the scale
                 assert ("-" in change["to"][:2]) == ("-" in change["from"][:2])  # rank prefix style kept
         # a swap keeps how many distortions are exhibited
@@ -103,7 +102,7 @@ def test_builds_pairs_from_an_endpoint_and_resumes(tmp_path):
         assert json.dumps(perturbed) in sent  # the rejected reply was asked for under the perturbed profile
         assert row["rejected"] == [{"role": "assistant", "content": reply_for({"messages": perturbed})}]
         assert row["perturbed_system_prompt"] != conversation[0]["content"]
-        changed = profile_from_system_prompt(conversation[0]["content"])
+        changed = parse_system_prompt(conversation[0]["content"])
         for change in row["perturbation"]:
             assert lookup(changed, change["field"]) == change["from"]
 

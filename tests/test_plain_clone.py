@@ -37,14 +37,14 @@ def test_tests_that_need_the_real_profiles_skip_with_a_reason(tmp_path):
     # A cheap subset: one module that needs the profiles throughout, one that needs them in part,
     # and one fixture user (the real conversations fixture of conftest.py).
     run = pytest_without_shared_data(
-        tmp_path, "-v", "-rs", "tests/test_make_preferences.py", "tests/test_eval_profiles.py",
+        tmp_path, "-v", "-rs", "tests/test_make_preferences.py", "tests/test_profile.py",
         "tests/test_train_sft_mask.py::test_chatml_targets_on_demo_model")
     out = run.stdout
     assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]
     summary = out.strip().splitlines()[-1]
     assert "passed" in summary and "skipped" in summary and "error" not in summary, out[-3000:]
     lines = out.splitlines()
-    for test in ("test_eval_profiles.py::test_train_style", "test_train_sft_mask.py::test_chatml"):
+    for test in ("test_profile.py::test_train_style", "test_train_sft_mask.py::test_chatml"):
         assert any(test in line and "SKIPPED" in line for line in lines), (test, out[-3000:])
     # test_make_preferences.py skips as a whole module, at the helper that found the data missing
     assert not any("test_make_preferences.py::" in line for line in lines), out[-3000:]

@@ -112,11 +112,12 @@ def test_roles_are_normalised_or_refused_and_empty_messages_dropped(tmp_path):
     _jsonl(tmp_path / "d.jsonl", [{"messages": messages}, RECORDS[0], {"messages": messages[:2]}])
     rows = load_rows(str(tmp_path / "d.jsonl"))
     # the same role twice in a row and a conversation starting with the assistant are kept as they are
-    assert rows[0].messages("messages") == [
+    assert rows[0].messages("messages") == messages  # as stored, for tools with roles of their own
+    assert rows[0].turns("messages") == [
         {"role": "system", "content": "profile"}, {"role": "assistant", "content": "hi"},
         {"role": "assistant", "content": "again"}, {"role": "user", "content": "why?"}]
-    assert len(rows[0].messages("messages", keep_empty=True)) == 6
-    rows[2].messages("messages")
+    assert len(rows[0].turns("messages", keep_empty=True)) == 6
+    rows[2].turns("messages")
     path = tmp_path / "d.jsonl"
     assert data_warnings(rows, "d.jsonl") == [
         f"warning: d.jsonl: 4 role names written in another case or with spaces were read as system/user/assistant, "
@@ -134,7 +135,7 @@ def test_roles_are_normalised_or_refused_and_empty_messages_dropped(tmp_path):
 def test_unknown_roles_and_late_system_messages_are_refused(tmp_path, messages, error):
     _jsonl(tmp_path / "d.jsonl", [RECORDS[0], {"messages": messages}])
     with pytest.raises(DataError, match=rf"d.jsonl line 2: field 'messages', {re.escape(error)}"):
-        load_rows(str(tmp_path / "d.jsonl"))[1].messages("messages")
+        load_rows(str(tmp_path / "d.jsonl"))[1].turns("messages")
 
 
 def test_a_string_field_is_one_message_of_the_given_role(tmp_path):

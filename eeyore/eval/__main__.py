@@ -15,8 +15,8 @@ import argparse
 import sys
 
 from eeyore.eval.baselines import EXPERIMENTS, REFERENCE_SAMPLING
-from eeyore.eval.client import APIError
-from eeyore.eval.profiles import ProfileError
+from eeyore.serve.client import EndpointError
+from eeyore.profile import ProfileError
 from eeyore.eval.runner import CATEGORIES, EvalConfig, run
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         results = run(cfg)
-    except (ProfileError, FileNotFoundError, APIError) as e:
+    except (ProfileError, FileNotFoundError, EndpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for cat in (*CATEGORIES, "all"):

@@ -162,7 +162,7 @@ def reference_path() -> Path:
 
 def reference_from_profiles(path: str | Path) -> dict:
     """Per-turn metrics of the real client turns of every conversation in a profiles file."""
-    from eeyore.eval.profiles import load_profiles
+    from eeyore.profile import load_profiles
 
     turns = [t for p in load_profiles(path) for t in p.client_turns()]
     if not turns:

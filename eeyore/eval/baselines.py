@@ -14,8 +14,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from eeyore.eval.client import ChatClient, Sampling
-from eeyore.eval.profiles import Profile, ProfileError, profile_lines, render_system_prompt
+from eeyore.serve.client import ChatClient, Sampling
+from eeyore.profile import Profile, ProfileError, profile_lines, render_system_prompt
 
 EXPERIMENTS = ("eeyore", "roleplay-doh", "patient-psi")
 # (temperature, top_p) each experiment ran at in the reference.

@@ -6,7 +6,7 @@ conversation from its side: its own turns as `assistant`, the client's as `user`
 """
 from __future__ import annotations
 
-from eeyore.eval.client import ChatClient, Sampling
+from eeyore.serve.client import ChatClient, Sampling
 from eeyore.eval.interview import Transcript
 
 COUNSELLOR_SYSTEM = (

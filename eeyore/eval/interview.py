@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from eeyore.eval.profiles import Trait
+from eeyore.profile import Trait
 
 SYMPTOM_QUESTIONS = (
     "I'd like to ask about something specific: {trait}. Is that something you've been going through lately?",

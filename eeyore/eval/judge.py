@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from eeyore.eval.client import ChatClient, Sampling
+from eeyore.serve.client import ChatClient, Sampling
 from eeyore.eval.interview import Transcript, plain_words
-from eeyore.eval.profiles import Trait
+from eeyore.profile import Trait
 
 JUDGE_SYSTEM = (
     "You are a clinical psychologist who assesses how faithfully a simulated client portrays a "

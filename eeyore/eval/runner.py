@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from eeyore.eval import authenticity, baselines, conversation, judge
 from eeyore.eval.baselines import REFERENCE_SAMPLING, Simulator, make_simulator
-from eeyore.eval.client import APIError, ChatClient, Sampling
+from eeyore.serve.client import ChatClient, EndpointError, Sampling
 from eeyore.eval.interview import Transcript, interview, questions_for
-from eeyore.eval.profiles import Profile, Trait, load_profiles, traits
+from eeyore.profile import Profile, Trait, load_profiles, traits
 from eeyore.eval.stats import mean_ci
 
 CATEGORIES = ("mild", "moderate", "severe", "distortion", "overall")
@@ -168,7 +168,7 @@ class Runner:
             async with gate:
                 try:
                     record = {"profile": job.profile.index, **await self.run_job(job)}
-                except APIError as e:  # recorded, not cached: a rerun retries it
+                except EndpointError as e:  # recorded, not cached: a rerun retries it
                     failures.append({"profile": job.profile.index, "trait": job.trait and job.trait.key, "error": str(e)})
                     return
                 finally:

@@ -13,7 +13,8 @@
 Every row remembers where it came from, so a recipe can name the file, row and field of a
 malformed record (`DataError`).
 
-What `Row.messages` does with messages that are not plainly system / user / assistant:
+What `Row.turns` (training's reading of messages; `Row.messages` keeps them as stored) does with
+messages that are not plainly system / user / assistant:
 
 - a known role written in another case or with spaces (`Assistant`, ` user`) is read as that role,
   and counted (`data_warnings` names how many and the first);
@@ -66,9 +67,9 @@ class Row:
             raise DataError(f"{self.where}: missing field {key!r} (fields: {', '.join(map(repr, self.record))})")
         return self.record[key]
 
-    def messages(self, key: str, keep_empty: bool = False) -> list[dict[str, str]]:
-        """`record[key]` checked to be a list of {"role": str, "content": str} messages, roles
-        normalised (see the top of this file), messages with empty content dropped unless `keep_empty`."""
+    def messages(self, key: str) -> list[dict[str, str]]:
+        """`record[key]` checked to be a list of {"role": str, "content": str} messages, as stored
+        (data-building tools read conversations whose roles are their own)."""
         value = self.field(key)
         if not isinstance(value, list) or not value:
             raise DataError(f"{self.where}: field {key!r} must be a non-empty list of messages, got {_short(value)}")
@@ -77,14 +78,19 @@ class Row:
                 raise DataError(
                     f"{self.where}: field {key!r}, message {i}: expected {{'role': str, 'content': str}}, got {_short(msg)}"
                 )
-        out = [{"role": self._role(key, i, m["role"]), "content": m["content"]} for i, m in enumerate(value)]
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+
+    def turns(self, key: str, keep_empty: bool = False) -> list[dict[str, str]]:
+        """`messages` read for training: roles normalised or refused (see the top of this file),
+        messages with empty content dropped unless `keep_empty`."""
+        out = [{"role": self._role(key, i, m["role"]), "content": m["content"]} for i, m in enumerate(self.messages(key))]
         return out if keep_empty else self.drop_empty(key, out)
 
     def chat(self, key: str, role: str, keep_empty: bool = False) -> list[dict[str, str]]:
-        """Field `key` as messages: a message list (see `messages`), or a string as one `role` message."""
+        """Field `key` as training messages: a message list (see `turns`), or a string as one `role` message."""
         value = self.field(key)
         if not isinstance(value, str):
-            return self.messages(key, keep_empty)
+            return self.turns(key, keep_empty)
         one = [{"role": role, "content": value}]
         return one if keep_empty else self.drop_empty(key, one)
 

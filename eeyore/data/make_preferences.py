@@ -1,10 +1,10 @@
-"""Round-1 preference data from SFT conversations: `python -m eeyore.train.make_preferences`.
+"""Round-1 preference data from SFT conversations: `python -m eeyore.data.make_preferences`.
 
 For each sampled assistant (client) turn of a conversation:
   prompt   = the conversation up to that turn, with the real profile as system prompt;
   chosen   = the real client reply;
   rejected = a reply generated for the same dialogue under a *perturbed* profile
-             (eeyore.train.perturb: severities moved, distortions swapped, demographics changed),
+             (eeyore.data.perturb: severities moved, distortions swapped, demographics changed),
              by any OpenAI-compatible endpoint (`--endpoint`) or by our own engine (`--local_model`).
 Each row records its perturbation, the perturbed system prompt and where it came from, and is in
 the shape `python -m eeyore.train.dpo --prompt_key prompt --apply_chat_template` reads.
@@ -30,10 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from eeyore.eval.profiles import render_system_prompt
+from eeyore.profile import parse_system_prompt, render_system_prompt
+from eeyore.train.data import DataError, Row, load_rows
 
-from .data import DataError, Row, load_rows
-from .perturb import PerturbConfig, perturb_profile, profile_from_system_prompt
+from .conversations import append_record, messages_key_of, read_records
+from .perturb import PerturbConfig, perturb_profile
 
 Generate = Callable[[list[dict[str, str]]], Awaitable[str]]
 
@@ -62,9 +63,10 @@ class Task:
         }
 
 
-def conversation_of(row: Row, messages_key: str) -> list[dict[str, str]]:
-    """SFT records keep messages under `messages_key`; profile records under `conversation`."""
-    key = messages_key if messages_key in row.record or "conversation" not in row.record else "conversation"
+def dialogue_of(row: Row, messages_key: str) -> list[dict[str, str]]:
+    """The messages, system prompt first (SFT records keep them under `messages_key`, profile
+    records under `conversation`)."""
+    key = messages_key_of(row, messages_key)
     messages = row.messages(key)
     if messages[0]["role"] != "system":
         raise DataError(f"{row.where}: field {key!r}: the first message must be the system prompt with the profile")
@@ -76,7 +78,7 @@ def profile_of(row: Row, system_prompt: str) -> dict[str, Any]:
     if isinstance(row.record.get("profile"), dict):
         return row.record["profile"]
     try:
-        return profile_from_system_prompt(system_prompt)
+        return parse_system_prompt(system_prompt)
     except ValueError as e:
         raise DataError(f"{row.where}: no 'profile' field and the system prompt cannot be read as one: {e}") from None
 
@@ -85,7 +87,7 @@ def plan(rows: list[Row], messages_key: str, turns: int, seed: int, perturb: Per
     """Every task to run (in input order) and the number of conversations without a client turn."""
     tasks, skipped = [], 0
     for index, row in enumerate(rows):
-        messages = conversation_of(row, messages_key)
+        messages = dialogue_of(row, messages_key)
         candidates = [j for j, m in enumerate(messages) if j > 0 and m["role"] == "assistant"]
         if not candidates:
             skipped += 1
@@ -111,17 +113,11 @@ def done_keys(output: Path) -> set[tuple[int, int]]:
     work = _work_file(output)
     if output.suffix == ".parquet" and output.is_file() and not work.is_file():
         return {(r["source_row"], r["turn"]) for r in pq.read_table(output, columns=["source_row", "turn"]).to_pylist()}
-    if not work.is_file():
-        return set()
-    data = work.read_bytes()
-    if data and not data.endswith(b"\n"):
-        work.write_bytes(data[: data.rfind(b"\n") + 1])
     keys = set()
-    for lineno, line in enumerate(work.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, record in enumerate(read_records(work), start=1):
         try:
-            record = json.loads(line)
             keys.add((record["source_row"], record["turn"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except KeyError:
             raise DataError(f"{work} line {lineno}: not a preference row written by this tool; "
                             "pass a new --output or remove the file") from None
     return keys
@@ -147,8 +143,7 @@ async def run_tasks(tasks: list[Task], generate: Generate, generator: str, outpu
         async with gate:
             reply = (await generate(task.perturbed_prompt)).strip()
         if reply:
-            sink.write(json.dumps(task.to_record(reply, generator), ensure_ascii=False) + "\n")
-            sink.flush()
+            append_record(sink, task.to_record(reply, generator))
         else:
             empty += 1
         bar.update(1)
@@ -164,7 +159,7 @@ async def run_tasks(tasks: list[Task], generate: Generate, generator: str, outpu
 
 
 def openai_generator(args: argparse.Namespace) -> tuple[Generate, Callable[[], Awaitable[None]]]:
-    from eeyore.eval.client import ChatClient, Sampling
+    from eeyore.serve.client import ChatClient, Sampling
 
     client = ChatClient(args.endpoint, args.model, api_key=args.api_key, max_connections=args.concurrency)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
@@ -195,7 +190,7 @@ def local_generator(args: argparse.Namespace) -> tuple[Generate, Callable[[], Aw
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m eeyore.train.make_preferences",
+        prog="python -m eeyore.data.make_preferences",
         description="Build round-1 DPO preference pairs: the real client reply (chosen) against a reply "
         "generated under a perturbed profile (rejected).",
     )

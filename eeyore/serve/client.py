@@ -1,6 +1,7 @@
 """A small async client for OpenAI-compatible `/v1/chat/completions` endpoints, on aiohttp.
 
-Works with the project's server, vLLM, llama.cpp's server and OpenAI. Transient failures
+The other side of the protocol this package serves: the evaluator and the data-building tools
+talk through it to the project's server, vLLM, llama.cpp's server or OpenAI alike. Transient failures
 (connection errors, timeouts, 408/409/429 and 5xx) are retried with exponential backoff and
 jitter, honouring `Retry-After`; any other HTTP error is raised at once with the server's message.
 """
@@ -17,8 +18,10 @@ import aiohttp
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
-class APIError(RuntimeError):
-    """The endpoint refused the request (or kept failing after every retry)."""
+class EndpointError(RuntimeError):
+    """The endpoint refused the request (or kept failing after every retry); `status` is the
+    HTTP status of the last answer, None when there was none. (The server's own error envelope
+    is `protocol.APIError`.)"""
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
@@ -81,8 +84,12 @@ class ChatClient:
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
         return self._session
 
-    async def chat(self, messages: list[dict[str, str]], sampling: Sampling | None = None) -> str:
+    async def chat(self, messages: list[dict[str, str]], sampling: Sampling | None = None,
+                   response_format: dict[str, Any] | None = None) -> str:
+        """The reply text; `response_format` (e.g. a JSON schema) is sent only when given."""
         body = {"model": self.model, "messages": messages, **(sampling or Sampling()).payload()}
+        if response_format is not None:
+            body["response_format"] = response_format
         last = "no attempt made"
         for attempt in range(self.retries + 1):
             delay = self.backoff_s * 2**attempt * (0.5 + random.random())
@@ -93,20 +100,20 @@ class ChatClient:
                         return self._reply_text(text)
                     last = f"HTTP {resp.status}: {_error_message(text)}"
                     if resp.status not in RETRY_STATUS:
-                        raise APIError(f"{self.url} refused the request: {last}", resp.status)
+                        raise EndpointError(f"{self.url} refused the request: {last}", resp.status)
                     delay = max(delay, _retry_after(resp.headers.get("Retry-After")))
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 last = f"{type(e).__name__}: {e}"
             if attempt < self.retries:
                 await asyncio.sleep(delay)
-        raise APIError(f"{self.url} failed after {self.retries + 1} attempts; last error: {last}")
+        raise EndpointError(f"{self.url} failed after {self.retries + 1} attempts; last error: {last}")
 
     def _reply_text(self, text: str) -> str:
         try:
             data = json.loads(text)
             message = data["choices"][0]["message"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise APIError(f"{self.url} returned a response without choices[0].message: {text[:300]!r}") from None
+            raise EndpointError(f"{self.url} returned a response without choices[0].message: {text[:300]!r}") from None
         self.requests += 1
         self.completion_tokens += int((data.get("usage") or {}).get("completion_tokens") or 0)
         return message.get("content") or ""

@@ -1,11 +1,14 @@
-"""Profiles: schema validation, the two system-prompt renderings, and the trait plan."""
+"""The profile schema: validation field by field, the two system-prompt renderings, parsing a
+rendered prompt back, and the trait plan."""
 import copy
 import json
 
 import pytest
 
-from eeyore.eval import ProfileError, load_profiles, render_system_prompt, traits
-from eeyore.eval.profiles import severity_level, validate_profile
+from eeyore.profile import (
+    DISTORTIONS, SYMPTOMS, ProfileError, load_profiles, parse_system_prompt, profile_errors, read_level,
+    render_system_prompt, sample_profiles_path, severity_level, traits, validate_profile,
+)
 
 from shared_data import SHARED_PROFILES as SHARED, needs_shared
 
@@ -95,8 +98,6 @@ def test_severity_labels():
     (lambda r: r["conversation"].append({"role": "client", "content": "hi"}), "'conversation[9]' must have role"),
 ])
 def test_validation_errors_name_the_profile_and_field(edit, message):
-    from eeyore.eval.profiles import sample_profiles_path
-
     record = copy.deepcopy(json.loads(sample_profiles_path().read_text())[0])
     edit(record)
     with pytest.raises(ProfileError, match=None) as err:
@@ -119,3 +120,63 @@ def test_load_profiles_file_errors(tmp_path):
 def test_unknown_style_is_an_error():
     with pytest.raises(ValueError, match="unknown prompt style 'chat'"):
         render_system_prompt(load_profiles()[0], "chat")
+
+
+@needs_shared
+def test_every_shared_profile_validates_and_its_prompt_reads_back():
+    records = json.loads(SHARED.read_text())
+    for i, record in enumerate(records):
+        assert profile_errors(record) == [], i
+        prompt = record["conversation"][0]["content"]
+        fields = parse_system_prompt(prompt)
+        assert profile_errors({"profile": fields}) == []
+        assert render_system_prompt(fields) == prompt
+        # what the rendering keeps comes back unchanged; what it leaves out comes back as "unknown"
+        for name, value in record["profile"].items():
+            if isinstance(value, str) and "cannot be identified" not in value.lower():
+                assert fields[name] == value, (i, name)
+
+
+def test_broken_profile_names_every_broken_field_once():
+    record = copy.deepcopy(json.loads(sample_profiles_path().read_text())[0])
+    fields = record["profile"]
+    del fields["age"]
+    fields["gender"] = ["Female"]
+    fields["martial status"] = "Single"
+    fields[SYMPTOMS]["greater impulsivity"] = "Sometimes"
+    del fields[SYMPTOMS]["increased use of alcohol or drugs"]
+    fields[SYMPTOMS]["feeling blue"] = "Mild"
+    fields[DISTORTIONS]["personalization"] = "Yes"
+    record["evidence"] = {"gender": 1, "situation of the client": "my dad died", "hair colour": "brown"}
+    errors = profile_errors(record)
+    expected = [
+        "unknown field 'profile.martial status'",
+        "missing field 'profile.age'",
+        "field 'profile.gender' must be a string, got list",
+        "field 'profile.symptom severity.greater impulsivity': unknown severity 'Sometimes'",
+        "missing entry 'profile.symptom severity.increased use of alcohol or drugs'",
+        "unknown entry 'profile.symptom severity.feeling blue'",
+        "field 'profile.cognition distortion exhibition.personalization': expected Exhibited or Not exhibited",
+        "field 'evidence.gender' must be a string",
+        "unknown field 'evidence.hair colour'",
+    ]
+    assert len(errors) == len(expected), errors
+    for want in expected:
+        assert sum(want in e for e in errors) == 1, (want, errors)
+    with pytest.raises(ProfileError) as err:
+        validate_profile(record, 0, where="samples.json")
+    assert err.value.errors == errors and "\n" not in str(err.value)
+
+
+def test_read_level_keeps_the_rank_spelling():
+    levels = ("Minimal", "Mild", "Moderate", "Severe")
+    assert read_level("3-Moderate Depression", levels) == (2, True)
+    assert read_level("Mild Depression - the client is sad", levels) == (1, False)
+    assert read_level("Not exhibited", ("Not exhibited", "Exhibited")) == (0, False)
+    assert read_level("Sometimes", levels) is None and read_level(3, levels) is None
+
+
+def test_parse_rejects_lines_it_cannot_read():
+    prompt = render_system_prompt(load_profiles()[0])
+    with pytest.raises(ValueError, match="cannot read profile line '- hair colour: brown'"):
+        parse_system_prompt(prompt.replace("YOUR PROFILE:\n", "YOUR PROFILE:\n- hair colour: brown\n"))
