@@ -60,12 +60,6 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(root, baseli
     assert all((params[k] == v).all() for k, v in baseline[1].items())
 
 
-@pytest.mark.parametrize("change, named", [
-    (["--learning_rate", "2e-3"], "learning_rate 0.001 -> 0.002"),
-    (["--max_epochs", "2"], "max_epochs 1 -> 2; total_steps 4 -> 8"),
-    (["--lr_warmup_ratio", "0.5"], "warmup_steps 1 -> 2"),
-    (["--seed", "7"], "seed 42 -> 7"),
-])
 class Planted:
     """What a crafted `.metadata` could hold: unpickling it would create the marker folder."""
 
@@ -87,6 +81,12 @@ def test_a_crafted_metadata_file_is_refused_not_run(root, baseline, capsys):
     assert curve(root, "crafted") == baseline[0]
 
 
+@pytest.mark.parametrize("change, named", [
+    (["--learning_rate", "2e-3"], "learning_rate 0.001 -> 0.002"),
+    (["--max_epochs", "2"], "max_epochs 1 -> 2; total_steps 4 -> 8"),
+    (["--lr_warmup_ratio", "0.5"], "warmup_steps 1 -> 2"),
+    (["--seed", "7"], "seed 42 -> 7"),
+])
 def test_resume_refuses_a_changed_schedule_rate_or_seed(root, baseline, change, named, capsys):
     with pytest.raises(SystemExit) as exit:
         sft.main(flags(root, "base", "--load_checkpoint", *change))
