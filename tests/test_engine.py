@@ -132,14 +132,17 @@ def test_context_limits_are_checked(tiny_ckpt):
     with Engine.from_pretrained(tiny_ckpt, max_batch_size=1, max_model_len=32) as engine:
         with pytest.raises(ValueError, match="context length is 32"):
             engine.check_prompt([1] * 32, SamplingParams())
-        with pytest.raises(ValueError, match="20 in the prompt, 13 to generate"):
-            engine.check_prompt([1] * 20, SamplingParams(max_tokens=13))
         with pytest.raises(ValueError, match="outside the vocabulary"):
             engine.check_prompt([1, 999], SamplingParams())
         assert engine.check_prompt([1] * 20, SamplingParams()) == 12
-        # a request without max_tokens runs to the end of the context, and stops there
-        out = engine.generate([[1] * 20], SamplingParams(ignore_eos=True), progress=False)[0]
-        assert len(out.token_ids) == 12 and out.finish_reason == "length"
+        # a budget beyond the context is cut to the room left (the reference's --max-new-tokens
+        # 4096 with the evaluator's --max-tokens 4096 on a 4096-token model)
+        assert engine.check_prompt([1] * 20, SamplingParams(max_tokens=13)) == 12
+        assert engine.check_prompt([1] * 20, SamplingParams(max_tokens=5)) == 5
+        # without max_tokens, or with too large a one, a request runs to the end of the context
+        for params in (SamplingParams(ignore_eos=True), SamplingParams(ignore_eos=True, max_tokens=4096)):
+            out = engine.generate([[1] * 20], params, progress=False)[0]
+            assert len(out.token_ids) == 12 and out.finish_reason == "length"
 
 
 def test_final_assistant_message_is_continued(tiny_ckpt):

@@ -13,8 +13,8 @@ from transformers.generation.logits_process import (
 )
 
 from eeyore.serve.params import SamplingParams, checkpoint_defaults, layered_defaults, parse_sequence_bias
+from eeyore.serve.request import Request
 from eeyore.serve.sampler import (
-    Row,
     Sampler,
     add_sequence_bias_,
     bias_table,
@@ -136,7 +136,12 @@ def test_draws_follow_the_distribution():
     assert freq[4] == 0
 
 
-def run_rows(rows: list[Row], steps: int, logit_seed: int) -> list[list[int]]:
+def row(params: SamplingParams, tokens: list[int]) -> Request:
+    """A request as the sampler sees it (its own generator when the params carry a seed)."""
+    return Request(0, tokens, params, 1, None, None)
+
+
+def run_rows(rows: list[Request], steps: int, logit_seed: int) -> list[list[int]]:
     """Sample `steps` tokens per row from random logits that depend only on the row's own tokens."""
     sampler = Sampler(V, eos_ids=[2], seed=123)
     sampler.set_rows(rows)
@@ -149,16 +154,16 @@ def run_rows(rows: list[Row], steps: int, logit_seed: int) -> list[list[int]]:
     return out
 
 
-def seeded_row(seed: int, **kw) -> Row:
-    return Row(SamplingParams(seed=seed, **kw), [1, 2, 3], 3, torch.Generator().manual_seed(seed))
+def seeded_row(seed: int, **kw) -> Request:
+    return row(SamplingParams(seed=seed, **kw), [1, 2, 3])
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
     params = dict(temperature=0.9, top_p=0.9, repetition_penalty=1.2, sequence_bias=(((2,), -4.0),),
                   exponential_decay_length_penalty=(2, 1.1))
     alone = run_rows([seeded_row(7, **params)], 20, logit_seed=0)[0]
-    others = [seeded_row(8, top_k=0), Row(SamplingParams(temperature=0.0), [1, 2, 3], 3),
-              Row(SamplingParams(top_k=0, min_p=0.1, frequency_penalty=0.5), [4], 1)]
+    others = [seeded_row(8, top_k=0), row(SamplingParams(temperature=0.0), [1, 2, 3]),
+              row(SamplingParams(top_k=0, min_p=0.1, frequency_penalty=0.5), [4])]
     batched = run_rows(others[:2] + [seeded_row(7, **params)] + others[2:], 20, logit_seed=0)[2]
     assert alone == batched
     assert run_rows([seeded_row(9, **params)], 20, logit_seed=0)[0] != alone
@@ -167,8 +172,8 @@ def test_seeded_rows_do_not_depend_on_the_batch():
 def test_greedy_rows_take_the_processed_argmax():
     logits = random_logits(2, seed=4)
     top = int(logits[0].argmax())
-    rows = [Row(SamplingParams(temperature=0.0, sequence_bias=(((top,), -100.0),)), [5], 1),
-            Row(SamplingParams(temperature=0.0), [5], 1)]
+    rows = [row(SamplingParams(temperature=0.0, sequence_bias=(((top,), -100.0),)), [5]),
+            row(SamplingParams(temperature=0.0), [5])]
     sampler = Sampler(V, eos_ids=[2])
     sampler.set_rows(rows)
     tokens = sampler(logits).tokens
@@ -179,9 +184,9 @@ def test_greedy_rows_take_the_processed_argmax():
 
 def test_logprobs_are_the_raw_model_distribution():
     logits = random_logits(3, seed=5)
-    rows = [Row(SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3), [1], 1),
-            Row(SamplingParams(temperature=0.0), [1], 1),
-            Row(SamplingParams(seed=3, logprobs=True), [1], 1, torch.Generator().manual_seed(3))]
+    rows = [row(SamplingParams(temperature=0.0, logprobs=True, top_logprobs=3), [1]),
+            row(SamplingParams(temperature=0.0), [1]),
+            row(SamplingParams(seed=3, logprobs=True), [1])]
     sampler = Sampler(V, eos_ids=[2])
     sampler.set_rows(rows)
     out = sampler(logits)

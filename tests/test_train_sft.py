@@ -18,7 +18,6 @@ from eeyore.model.chat import ChatTemplate
 from eeyore.model.tokenizer import Tokenizer
 from eeyore.train import sft
 from eeyore.train.data import load_rows
-from eeyore.train.trainer import KILL_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ["--train_batch_size", "4", "--micro_train_batch_size", "1", "--max_epochs", "2"]  # 8 examples: 4 steps
@@ -127,7 +126,7 @@ def test_two_ranks_match_one(setup, baseline, flags):
 
 def test_killed_and_resumed_run_gives_the_same_curve(setup, baseline):
     args = _args(setup, "resumed", *STEPS, "--save_steps", "2", "--eval_dataset", str(setup / "train.jsonl"), "--eval_steps", "2")
-    killed = _run([sys.executable, "-m", "eeyore.train.sft", *args], env={KILL_ENV: "3"})
+    killed = _run([sys.executable, str(REPO / "tests" / "kill_after_step.py"), "3", "eeyore.train.sft", *args])
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL right after step 3
     assert [r["step"] for r in _log(setup, "resumed")][-1] == 3 and (setup / "resumed" / "ckpt" / "latest").read_text() == "global_step2"
     sft.main([*args, "--load_checkpoint"])  # restarts at step 3 from the step-2 checkpoint

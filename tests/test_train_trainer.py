@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eeyore.model import Llama, LlamaConfig
-from eeyore.train.trainer import build_optimizer, warmup_cosine
+from eeyore.train.optim import build_optimizer, warmup_cosine
 
 
 @pytest.mark.parametrize("total,ratio", [(438, 0.03), (7, 0.03), (50, 0.0)])

@@ -197,13 +197,11 @@ async def run(args: argparse.Namespace) -> RunStats:
             out = await extractor.extract(conv)
         if out.record is not None:
             append_record(sink, output_record(conv, out, args.model))
+            stats.written += 1
         else:
             append_record(rejects, reject_record(conv, out))
-            tqdm.write(f"rejected {conv.id} ({conv.where}): {out.reasons[-1] if out.reasons else 'no reason'}"[:400])
-        if out.record is None:
             stats.rejected += 1
-        else:
-            stats.written += 1
+            tqdm.write(f"rejected {conv.id} ({conv.where}): {out.reasons[-1] if out.reasons else 'no reason'}"[:400])
         bar.update(1)
 
     try:

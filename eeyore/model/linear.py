@@ -57,7 +57,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
+    # Under torch.compile, Inductor lowers F.linear to oneDNN itself and cannot lower the raw op.
+    return (
+        ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
+        and not torch.compiler.is_compiling()
+    )
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

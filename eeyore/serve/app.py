@@ -1,17 +1,21 @@
 """aiohttp routes of the OpenAI-compatible server.
 
 The model loads in a worker thread after the server starts listening, so `/health` answers 503
-until it is ready. Handlers only validate, tokenize and format: generation runs on the engine's
-own thread. A client that goes away cancels its handler (aiohttp's handler cancellation, on for
-this server), which aborts its requests and frees their slots.
+until it is ready. Handlers only validate and format; tokenizing runs on a helper thread (a
+large body must not stall the event loop) and generation on the engine's own thread. A client
+that goes away cancels its handler (aiohttp's handler cancellation, on for this server), which
+aborts its requests and frees their slots. While the server drains for shutdown (`lifecycle.py`)
+new requests get 503 and running ones carry on.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +25,8 @@ from eeyore.model.chat import TemplateError
 from .engine import Engine
 from .request import EngineClosed, EngineError, EngineFull, InvalidRequest, Output
 from .protocol import (
-    APIError,
+    MAX_MESSAGES,
+    ErrorReply,
     ParsedRequest,
     bad,
     chat_logprobs,
@@ -34,17 +39,34 @@ from .protocol import (
 )
 
 log = logging.getLogger("eeyore.serve")
-ENGINE = web.AppKey("engine", Engine)
-LOADING = web.AppKey("loading", asyncio.Future)
-SETTINGS = web.AppKey("settings", dict)
 MAX_BODY_BYTES = 8 * 2**20
 
 
+@dataclass
+class Settings:
+    """What the routes need to know about this server, besides the engine."""
+
+    model: str  # the served name, reported in every response and in /v1/models
+    api_key: str | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_messages: int = MAX_MESSAGES
+    strict_model_name: bool = False  # True: 404 for any other `model` than the served name
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False  # shutting down: no new requests
+    active: int = 0  # HTTP requests generating now
+
+
+ENGINE = web.AppKey("engine", Engine)
+LOADING = web.AppKey("loading", asyncio.Future)
+SETTINGS = web.AppKey("settings", Settings)
+
+
 def create_app(load_engine: Callable[[], Engine], model_name: str, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> web.Application:
+               max_body_bytes: int = MAX_BODY_BYTES, max_messages: int = MAX_MESSAGES,
+               strict_model_name: bool = False) -> web.Application:
     """`load_engine` runs in a thread at startup; until it returns, generation routes answer 503."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware, auth_middleware])
-    app[SETTINGS] = {"model": model_name, "api_key": api_key, "created": int(time.time()), "max_body_bytes": max_body_bytes}
+    app[SETTINGS] = Settings(model_name, api_key, max_body_bytes, max_messages, strict_model_name)
 
     async def start_loading(app: web.Application) -> None:
         app[LOADING] = asyncio.get_running_loop().run_in_executor(None, lambda: load_engine().start())
@@ -71,27 +93,40 @@ async def error_middleware(request: web.Request, handler: Callable) -> web.Strea
     """Every error leaves in the OpenAI envelope; only our own faults are 5xx."""
     try:
         return await handler(request)
-    except APIError as err:
+    except ErrorReply as err:
         return web.json_response(err.body(), status=err.status, headers=err.headers)
     except web.HTTPException as exc:  # routing (404, 405) and body size (413)
         if exc.status < 400:
             raise
-        err = APIError(exc.status, exc.reason if exc.status != 413 else
-                       f"the request body is larger than {request.app[SETTINGS]['max_body_bytes']} bytes")
+        err = ErrorReply(exc.status, exc.reason if exc.status != 413 else
+                       f"the request body is larger than {request.app[SETTINGS].max_body_bytes} bytes")
         return web.json_response(err.body(), status=exc.status)
+    except EngineError as exc:  # the engine failed the request (or stopped): said, not a traceback
+        status = 503 if request.app[SETTINGS].draining else 500
+        return web.json_response(ErrorReply(status, str(exc)).body(), status=status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
         log.exception("internal error on %s", request.path)
-        return web.json_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}").body(), status=500)
+        return web.json_response(ErrorReply(500, f"internal error: {type(exc).__name__}: {exc}").body(), status=500)
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    key = request.app[SETTINGS]["api_key"]
-    if key and request.path != "/health" and request.headers.get("Authorization") != f"Bearer {key}":
-        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    settings = request.app[SETTINGS]
+    if request.path == "/health":
+        return await handler(request)
+    if settings.api_key and not key_matches(request.headers.get("Authorization", ""), settings.api_key):
+        raise ErrorReply(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+    if settings.draining:
+        raise ErrorReply(503, "the server is shutting down", headers={"Retry-After": "5"})
     return await handler(request)
+
+
+def key_matches(header: str, key: str) -> bool:
+    """`Bearer <key>`, the scheme in any case (RFC 9110), the key compared in constant time."""
+    scheme, _, given = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
 # ----------------------------------------------------------------------------- routes
@@ -100,13 +135,15 @@ async def auth_middleware(request: web.Request, handler: Callable) -> web.Stream
 def ready_engine(app: web.Application) -> Engine:
     loading = app[LOADING]
     if not loading.done():
-        raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
+        raise ErrorReply(503, "the model is still loading", headers={"Retry-After": "5"})
     if loading.exception() is not None:
-        raise APIError(503, f"the model failed to load: {loading.exception()}")
+        raise ErrorReply(503, f"the model failed to load: {loading.exception()}")
     return loading.result()
 
 
 async def health(request: web.Request) -> web.Response:
+    if request.app[SETTINGS].draining:
+        return web.json_response({"status": "stopping"}, status=503)
     loading = request.app[LOADING]
     if not loading.done():
         return web.json_response({"status": "loading"}, status=503, headers={"Retry-After": "5"})
@@ -117,7 +154,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     s = request.app[SETTINGS]
-    card = {"id": s["model"], "object": "model", "created": s["created"], "owned_by": "eeyore"}
+    card = {"id": s.model, "object": "model", "created": s.created, "owned_by": "eeyore"}
     loading = request.app[LOADING]
     if loading.done() and loading.exception() is None:
         card["max_model_len"] = loading.result().max_model_len
@@ -128,34 +165,55 @@ async def read_json(request: web.Request) -> Any:
     raw = await request.read()
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad(f"the request body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # also: integers over 4300 digits, nesting too deep
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise bad(f"the request body is not valid JSON: {reason}") from None
 
 
 def check_model(request: web.Request, req: ParsedRequest) -> None:
-    name = request.app[SETTINGS]["model"]
-    if req.model is not None and req.model != name:
-        raise APIError(404, f"the model '{req.model}' does not exist: this server serves '{name}'",
+    """A single-model server answers any `model` name (as the reference did) unless told to be
+    strict; responses always carry the served name."""
+    s = request.app[SETTINGS]
+    if s.strict_model_name and req.model is not None and req.model != s.model:
+        raise ErrorReply(404, f"the model '{req.model}' does not exist: this server serves '{s.model}'",
                        "model", "model_not_found")
+
+
+def prepare(engine: Engine, prompts: list[str | list[int]] | None, messages: list[dict] | None,
+            params: Any) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each prompt and its generation budget: the tokenizing and the prompt checks,
+    done once per HTTP request, off the event loop (an 8-million-character message takes seconds)."""
+    try:
+        if messages is not None:
+            ids = [engine.encode_chat(messages, continue_final=messages[-1]["role"] == "assistant")]
+        else:
+            ids = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+    except (TemplateError, ValueError) as exc:
+        raise bad(str(exc), "messages" if messages is not None else "prompt") from None
+    budgets = []
+    for p in ids:
+        try:
+            budgets.append(engine.check_prompt(p, params))
+        except InvalidRequest as exc:
+            param = "messages" if messages is not None and exc.param == "prompt" else exc.param
+            raise bad(str(exc), param, exc.code) from None
+    return ids, budgets
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = ready_engine(request.app)
-    req = parse_chat(await read_json(request), engine.defaults)
+    req = parse_chat(await read_json(request), engine.defaults, request.app[SETTINGS].max_messages)
     check_model(request, req)
-    try:
-        prompt = engine.encode_chat(req.messages, continue_final=req.messages[-1]["role"] == "assistant")
-    except (TemplateError, ValueError) as exc:
-        raise bad(str(exc), "messages") from None
-    return await Generation(request, engine, req, [prompt], chat=True).respond()
+    prompts, budgets = await asyncio.to_thread(prepare, engine, None, req.messages, req.params)
+    return await Generation(request, engine, req, prompts, budgets, chat=True).respond()
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     engine = ready_engine(request.app)
     req = parse_completion(await read_json(request), engine.defaults)
     check_model(request, req)
-    prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts]
-    return await Generation(request, engine, req, prompts, chat=False).respond()
+    prompts, budgets = await asyncio.to_thread(prepare, engine, req.prompts, None, req.params)
+    return await Generation(request, engine, req, prompts, budgets, chat=False).respond()
 
 
 # ----------------------------------------------------------------------------- generation
@@ -166,35 +224,32 @@ class Generation:
     body or one event stream. Choice i of prompt j has index j * n + i; with a seed, choice i
     uses seed + i, so n = 1 and the first of n choices agree."""
 
-    def __init__(self, request: web.Request, engine: Engine, req: ParsedRequest, prompts: list[list[int]], chat: bool) -> None:
+    def __init__(self, request: web.Request, engine: Engine, req: ParsedRequest, prompts: list[list[int]],
+                 budgets: list[int], chat: bool) -> None:
         self.request, self.engine, self.req, self.prompts, self.chat = request, engine, req, prompts, chat
+        self.budgets = budgets  # what check_prompt allowed each prompt to generate
         self.kind = "chat.completion" if chat else "text_completion"
         self.id = new_id("chatcmpl" if chat else "cmpl")
-        self.model = request.app[SETTINGS]["model"]
+        self.model = request.app[SETTINGS].model
         self.queue: asyncio.Queue = asyncio.Queue()
         self.texts = [""] * (len(prompts) * req.n)
         self.tokens = [0] * len(self.texts)
 
     def _submit(self) -> list:
         p = self.req.params
-        for prompt in self.prompts:
-            try:
-                self.engine.check_prompt(prompt, p)
-            except InvalidRequest as exc:
-                param = "messages" if self.chat and exc.param == "prompt" else exc.param
-                raise bad(str(exc), param, exc.code) from None
         reqs = []
         try:
-            for j, prompt in enumerate(self.prompts):
+            for j, (prompt, budget) in enumerate(zip(self.prompts, self.budgets)):
                 for i in range(self.req.n):
                     params = p if p.seed is None else p.updated(seed=p.seed + i)
-                    reqs.append(self.engine.submit_async(prompt, params, self.queue, j * self.req.n + i))
+                    reqs.append(self.engine.submit_async(prompt, params, self.queue, j * self.req.n + i,
+                                                         max_tokens=budget))
         except EngineFull as exc:
             self._abort(reqs)
-            raise APIError(429, f"the server is busy: {exc}", headers={"Retry-After": "1"}) from None
+            raise ErrorReply(429, f"the server is busy: {exc}", headers={"Retry-After": "1"}) from None
         except EngineClosed as exc:
             self._abort(reqs)
-            raise APIError(503, str(exc), headers={"Retry-After": "5"}) from None
+            raise ErrorReply(503, str(exc), headers={"Retry-After": "5"}) from None
         return reqs
 
     def _abort(self, reqs: list) -> None:
@@ -223,9 +278,12 @@ class Generation:
 
     async def respond(self) -> web.StreamResponse:
         reqs = self._submit()
+        settings = self.request.app[SETTINGS]
+        settings.active += 1
         try:
             return await (self._stream() if self.req.stream else self._whole())
         finally:
+            settings.active -= 1
             self._abort(reqs)
 
     def _usage(self) -> dict[str, int]:
@@ -284,7 +342,7 @@ class Generation:
             if self.req.include_usage:
                 await send([], {"usage": self._usage()})
         except EngineError as exc:
-            await resp.write(b"data: " + json.dumps(APIError(500, str(exc)).body()).encode() + b"\n\n")
+            await resp.write(b"data: " + json.dumps(ErrorReply(500, str(exc)).body()).encode() + b"\n\n")
         except ConnectionResetError:  # the client left: the caller's finally aborts the requests
             return resp
         await resp.write(b"data: [DONE]\n\n")

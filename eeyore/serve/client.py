@@ -21,7 +21,7 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 class EndpointError(RuntimeError):
     """The endpoint refused the request (or kept failing after every retry); `status` is the
     HTTP status of the last answer, None when there was none. (The server's own error envelope
-    is `protocol.APIError`.)"""
+    is `protocol.ErrorReply`.)"""
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)

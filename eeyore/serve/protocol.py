@@ -1,6 +1,6 @@
 """The OpenAI wire format: request validation into engine inputs, and the response bodies.
 
-Every client mistake becomes an `APIError` with a 4xx status and the OpenAI error envelope
+Every client mistake becomes an `ErrorReply` with a 4xx status and the OpenAI error envelope
 naming the offending field. Unknown fields are ignored, as OpenAI's own API does, except
 features that would silently change the answer (tools, structured output, echo, suffix).
 Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `min_p`, `repetition_penalty`,
@@ -9,20 +9,26 @@ Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `min_p`, `repeti
 """
 from __future__ import annotations
 
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .params import SamplingParams, parse_sequence_bias
+from .params import RANGES, ParamError, SamplingParams, check_number, check_params, parse_sequence_bias
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "suffix")
 MAX_N = 64
 MAX_TOP_LOGPROBS = 20
+MAX_MESSAGES = 4096  # the server's --max-messages default
+TOKEN_ID = re.compile(r"[0-9]{1,10}")  # ASCII digits only: "²" and "١" pass str.isdigit()
 
 
-class APIError(Exception):
+class ErrorReply(Exception):
+    """An error the server answers with: its HTTP status and OpenAI's error envelope."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -43,8 +49,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param, code)
+def bad(message: str, param: str | None = None, code: str | None = None) -> ErrorReply:
+    return ErrorReply(400, message, param, code)
 
 
 @dataclass
@@ -67,17 +73,35 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(body: dict, name: str, lo: float, hi: float, integer: bool = False, open_lo: bool = False) -> Any:
+def _number(body: dict, name: str, lo: float | None = None, hi: float | None = None, integer: bool = False) -> Any:
+    """A numeric field, None when absent. Fields of SamplingParams are held to params.RANGES;
+    others to [lo, hi]. NaN and infinities (which Python's JSON reader accepts) are refused."""
     v = body.get(name)
     if v is None:
         return None
     kind = "an integer" if integer else "a number"
     if not (_is_int(v) or (not integer and isinstance(v, float))):
         raise bad(f"'{name}' must be {kind}, got {type(v).__name__}", name)
-    if v < lo or v > hi or (open_lo and v == lo):
-        low = f"> {lo}" if open_lo else f">= {lo}"
-        raise bad(f"'{name}' must be {low} and <= {hi}, got {v}", name)
+    field_name = "max_tokens" if name == "max_completion_tokens" else name
+    try:
+        if field_name in RANGES:
+            check_number(field_name, v, f"'{name}'")
+        elif not ((_is_int(v) or math.isfinite(v)) and lo <= v <= hi):
+            raise ParamError(name, f"'{name}' must be >= {lo} and <= {hi}, got {v}")
+    except ParamError as exc:
+        raise bad(str(exc), name) from None
     return v if integer else float(v)
+
+
+def _text(v: Any, where: str) -> str:
+    """A string the tokenizer can take: a lone surrogate (JSON allows "\\ud800") is no text."""
+    if not isinstance(v, str):
+        raise bad(f"{where} must be a string", where)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"{where} is not valid Unicode text (a lone surrogate)", where) from None
+    return v
 
 
 def _bool(body: dict, name: str) -> bool | None:
@@ -94,7 +118,7 @@ def _stop(body: dict) -> tuple[str, ...] | None:
     items = [v] if isinstance(v, str) else v
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items) or len(items) > 16:
         raise bad("'stop' must be a non-empty string or a list of at most 16 non-empty strings", "stop")
-    return tuple(items)
+    return tuple(_text(s, "stop") for s in items)
 
 
 def _token_ids(v: Any, name: str) -> list[int]:
@@ -104,10 +128,10 @@ def _token_ids(v: Any, name: str) -> list[int]:
 
 
 def _sampling(body: dict, defaults: SamplingParams) -> SamplingParams:
-    max_tokens = _number(body, "max_completion_tokens", 1, 2**31, integer=True)
+    max_tokens = _number(body, "max_completion_tokens", integer=True)
     if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", 1, 2**31, integer=True)
-    top_k = _number(body, "top_k", -1, 2**31, integer=True)
+        max_tokens = _number(body, "max_tokens", integer=True)
+    top_k = _number(body, "top_k", integer=True)
     bias = defaults.sequence_bias
     if body.get("sequence_bias") is not None:
         try:
@@ -118,20 +142,20 @@ def _sampling(body: dict, defaults: SamplingParams) -> SamplingParams:
         bias = bias + _logit_bias(body["logit_bias"])
     decay = body.get("exponential_decay_length_penalty")
     if decay is not None:
-        if not (isinstance(decay, list) and len(decay) == 2 and _is_int(decay[0]) and decay[0] >= 0
-                and isinstance(decay[1], (int, float)) and not isinstance(decay[1], bool) and decay[1] > 0):
+        if not (isinstance(decay, list) and len(decay) == 2 and _is_int(decay[0])
+                and isinstance(decay[1], (int, float)) and not isinstance(decay[1], bool)):
             raise bad("'exponential_decay_length_penalty' must be [start >= 0, factor > 0]", "exponential_decay_length_penalty")
-        decay = (decay[0], float(decay[1]))
+        decay = (decay[0], _float(decay[1], "exponential_decay_length_penalty"))
     stop_ids = body.get("stop_token_ids")
-    return defaults.updated(
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, open_lo=True),
+    params = defaults.updated(
+        temperature=_number(body, "temperature"),
+        top_p=_number(body, "top_p"),
         top_k=None if top_k is None else max(top_k, 0),  # -1 and 0 both mean off
-        min_p=_number(body, "min_p", 0.0, 1.0),
-        repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, open_lo=True),
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
-        seed=_number(body, "seed", -(2**63), 2**63 - 1, integer=True),
+        min_p=_number(body, "min_p"),
+        repetition_penalty=_number(body, "repetition_penalty"),
+        presence_penalty=_number(body, "presence_penalty"),
+        frequency_penalty=_number(body, "frequency_penalty"),
+        seed=_number(body, "seed", integer=True),
         max_tokens=max_tokens,
         stop=_stop(body),
         stop_token_ids=None if stop_ids is None else tuple(_token_ids(stop_ids, "stop_token_ids")),
@@ -139,6 +163,18 @@ def _sampling(body: dict, defaults: SamplingParams) -> SamplingParams:
         sequence_bias=bias,
         exponential_decay_length_penalty=decay,
     )
+    try:  # what the field readers cannot see alone: biases and the decay pair
+        check_params(params)
+    except ParamError as exc:
+        raise bad(str(exc), exc.field) from None
+    return params
+
+
+def _float(v: int | float, where: str) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an integer with hundreds of digits
+        raise bad(f"'{where}': {str(v)[:20]}... is too large", where) from None
 
 
 def _logit_bias(v: Any) -> tuple[tuple[tuple[int, ...], float], ...]:
@@ -146,7 +182,8 @@ def _logit_bias(v: Any) -> tuple[tuple[tuple[int, ...], float], ...]:
         raise bad("'logit_bias' must map token ids to biases", "logit_bias")
     out = []
     for key, bias in v.items():
-        if not (str(key).isdigit() and isinstance(bias, (int, float)) and not isinstance(bias, bool) and -100 <= bias <= 100):
+        if not (TOKEN_ID.fullmatch(key) and isinstance(bias, (int, float)) and not isinstance(bias, bool)
+                and -100 <= bias <= 100):  # also false for NaN
             raise bad(f"'logit_bias' entry {key!r}: expected a token id and a bias in [-100, 100]", "logit_bias")
         out.append(((int(key),), float(bias)))
     return tuple(out)
@@ -162,8 +199,8 @@ def _common(body: Any, defaults: SamplingParams) -> ParsedRequest:
     if fmt is not None and fmt != {"type": "text"}:
         raise bad("only response_format {'type': 'text'} is supported", "response_format")
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad("'model' must be a string", "model")
+    if model is not None:
+        _text(model, "model")
     stream = bool(_bool(body, "stream"))
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict)):
@@ -176,11 +213,13 @@ def _common(body: Any, defaults: SamplingParams) -> ParsedRequest:
 # ----------------------------------------------------------------------------- requests
 
 
-def parse_chat(body: Any, defaults: SamplingParams) -> ParsedRequest:
+def parse_chat(body: Any, defaults: SamplingParams, max_messages: int = MAX_MESSAGES) -> ParsedRequest:
     req = _common(body, defaults)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
+    if len(messages) > max_messages:
+        raise bad(f"'messages' has {len(messages)} messages: this server takes at most {max_messages}", "messages")
     req.messages = [_message(m, i) for i, m in enumerate(messages)]
     logprobs = bool(_bool(body, "logprobs"))
     top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
@@ -202,9 +241,7 @@ def _message(m: Any, i: int) -> dict[str, str]:
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             raise bad(f"{where}.content: only parts of type 'text' are supported", f"{where}.content")
         content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise bad(f"{where}.content must be a string", f"{where}.content")
-    return {"role": ROLES[role], "content": content}
+    return {"role": ROLES[role], "content": _text(content, f"{where}.content")}
 
 
 def parse_completion(body: Any, defaults: SamplingParams) -> ParsedRequest:
@@ -224,6 +261,8 @@ def parse_completion(body: Any, defaults: SamplingParams) -> ParsedRequest:
     for p in prompts:
         if isinstance(p, list):
             _token_ids(p, "prompt")
+        else:
+            _text(p, "prompt")
     req.prompts = prompts
     top = _number(body, "logprobs", 0, 5, integer=True)
     req.params = req.params.updated(logprobs=top is not None, top_logprobs=top or 0)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .params import SamplingParams
-from .sampler import Row
 from .text import TextStream
 
 
@@ -73,18 +72,30 @@ class Completion:
 
 
 class Request:
-    """One sequence in the engine. The worker thread owns everything but `cancelled`."""
+    """One sequence in the engine: its prompt, the tokens it has so far, and where its outputs
+    go. The worker thread owns everything but `cancelled`."""
 
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, max_tokens: int,
                  text: TextStream, sink: Callable[[Output], None]) -> None:
         self.id, self.prompt, self.params, self.max_tokens = rid, prompt, params, max_tokens
-        generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
-        self.row = Row(params, list(prompt), len(prompt), generator)
+        self.tokens = list(prompt)  # prompt + generated: what the sampler's penalties and biases read
+        self.prompt_len = len(prompt)
+        # A seeded request draws from its own generator, so its tokens do not depend on the batch.
+        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         self.text, self.sink = text, sink
         self.prefilled = 0  # prompt tokens already in the cache
-        self.generated = 0
         self.cancelled = False
         self.done = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def cached(self) -> list[int]:
+        """The tokens whose keys and values are in the cache once it runs: all but the last,
+        which the next decode step feeds."""
+        return self.tokens[:-1]
 
     def emit(self, out: Output) -> None:
         if out.finish_reason is not None:
@@ -93,3 +104,6 @@ class Request:
             self.sink(out)
         except RuntimeError:  # the receiving event loop is gone: nobody is listening any more
             self.cancelled = True
+
+    def fail(self, message: str) -> None:
+        self.emit(Output([], message, [], [], "error", self.prompt_len, self.generated))

@@ -69,9 +69,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save(
     ckpt_path: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any], d: Dist, keep: int,
+    trainer_state: dict[str, Any], d: Dist, keep: int, max_bytes: float = float("inf"),
 ) -> Path:
-    """Write checkpoint `global_step{step}` atomically and keep only the newest `keep`."""
+    """Write checkpoint `global_step{step}` atomically; keep only the newest `keep` (0: all) that
+    fit in `max_bytes` together (the newest always stays)."""
     root = Path(ckpt_path)
     final, tmp = root / f"global_step{step}", root / f"global_step{step}.tmp"
     if d.is_main:
@@ -88,11 +89,18 @@ def save(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name)
-        if keep > 0:
-            for old in sorted(_complete(root), key=_step)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune(root, keep, max_bytes)
     d.barrier()
     return final
+
+
+def prune(root: Path, keep: int, max_bytes: float) -> None:
+    """Delete the oldest complete checkpoints beyond the newest `keep` or beyond `max_bytes` in all."""
+    total = 0
+    for i, path in enumerate(sorted(_complete(root), key=_step, reverse=True)):
+        total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if i > 0 and ((keep > 0 and i >= keep) or total > max_bytes):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def data_digest(examples: Sequence[Any]) -> str:

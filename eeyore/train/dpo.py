@@ -1,8 +1,7 @@
 """DPO on the shared trainer core: `torchrun --nproc_per_node=N -m eeyore.train.dpo ...`.
 
-Accepts the flags of the reference's OpenRLHF DPO script with the same meanings,
-plus `--ref_pretrain`, `--label_smoothing`, `--ipo`, `--nll_loss_coef`, `--max_samples` and
-the resume flags shared with SFT. The loop itself is `trainer.Trainer`; this file is the recipe:
+Accepts every flag of OpenRLHF's train_dpo with the same meanings (`DPOConfig`: the shared
+flags plus the objective and the record fields; `flags.py` answers the DeepSpeed-only ones). The loop itself is `trainer.Trainer`; this file is the recipe:
 chosen and rejected go through one concatenated forward, their summed response log-probs feed
 `dpo_loss.preference_loss`.
 
@@ -17,12 +16,16 @@ The reference model never trains and never enters the optimizer. Two ways to run
   them before its first update, so no second model is ever loaded; otherwise the reference is
   loaded, used and freed before the policy is loaded. A resumed run recomputes them the same
   way, before the checkpoint is restored.
+
+With LoRA (`--lora_rank`) and the policy's own checkpoint as reference, the reference is the
+policy with its adapters switched off (`lora.adapters_disabled`): the frozen base, no second model.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,11 +36,15 @@ from eeyore.model.chat import ChatTemplate
 from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.pretrained import resolve_model_dir
 
-from .data import data_warnings, load_rows
+from .config import TrainConfig, flag, recipe_default
+from .data import data_warnings
 from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs
 from .dpo_loss import DPOLossConfig, preference_loss, response_logps
+from .flags import parse_config, refuse
+from .lora import adapters_disabled
+from .mixing import load_mixture
 from .parallel import Dist, launch, load_sharded, reshard
-from .trainer import Trainer, add_common_args
+from .trainer import Trainer, lora_spec, start_run
 
 
 def sequence_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,24 +54,29 @@ def sequence_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, to
 
 
 class DPORecipe:
-    """The DPO objective for `Trainer`: micro-batch in, (loss, metrics) out."""
+    """The DPO objective for `Trainer`: micro-batch in, (loss, metrics) out.
 
-    def __init__(self, config: DPOLossConfig, pad_id: int, reference: nn.Module | None = None) -> None:
-        self.config, self.pad_id, self.reference = config, pad_id, reference
+    The reference log-probs come from the batch (precomputed), from `reference`, or, with
+    `base_is_reference`, from the LoRA policy itself with its adapters off.
+    """
+
+    def __init__(self, config: DPOLossConfig, pad_id: int, reference: nn.Module | None = None, base_is_reference: bool = False) -> None:
+        self.config, self.pad_id, self.reference, self.base_is_reference = config, pad_id, reference, base_is_reference
 
     def collate(self, pairs: list[PreferencePair]) -> PairBatch:
         batch = collate_pairs(pairs, self.pad_id)
-        if batch.ref_logps is None and self.reference is None:
+        if batch.ref_logps is None and self.reference is None and not self.base_is_reference:
             raise ValueError("no reference log-probs: precompute them (--ref_offload) or give the recipe a reference model")
         return batch
 
     def loss(self, model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        sums, means = sequence_logps(model, batch)
         ref = batch.ref_logps
-        if ref is None:
-            with torch.no_grad():
-                ref, _ = sequence_logps(self.reference, batch)
-            reshard(self.reference)
+        if ref is None:  # before the policy's forward, which may be the same FSDP model
+            reference = model if self.base_is_reference else self.reference
+            with torch.no_grad(), adapters_disabled(reference):
+                ref, _ = sequence_logps(reference, batch)
+            reshard(reference)
+        sums, means = sequence_logps(model, batch)
         n = batch.pairs
         out = preference_loss(sums[:n], sums[n:], ref[:n], ref[n:], self.config, means[:n])
         metrics = {
@@ -108,7 +120,7 @@ def precompute_reference(model: nn.Module, pairs: list[PreferencePair], micro_ba
         pair.ref_logps = (chosen, rejected)
 
 
-def load_reference(args: argparse.Namespace, d: Dist) -> nn.Module:
+def load_reference(args: Any, d: Dist) -> nn.Module:
     # Frozen: under --bf16 it computes in bf16 anyway, so its shards are kept in bf16 too.
     store = torch.bfloat16 if args.bf16 else torch.float32
     model = load_sharded(args.ref_pretrain, d, zero_stage=3, bf16=args.bf16, store_dtype=store)
@@ -116,7 +128,7 @@ def load_reference(args: argparse.Namespace, d: Dist) -> nn.Module:
     return model.eval()
 
 
-def load_tokenizer(args: argparse.Namespace) -> tuple[Tokenizer, ChatTemplate | None]:
+def load_tokenizer(args: Any) -> tuple[Tokenizer, ChatTemplate | None]:
     """The policy's tokenizer, with `--tokenizer_chat_template` (if any) in place so it is saved too."""
     tokenizer = Tokenizer.from_pretrained(resolve_model_dir(args.pretrain))
     if not args.apply_chat_template:
@@ -126,15 +138,15 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[Tokenizer, ChatTemplate | 
     return tokenizer, template
 
 
-def train(args: argparse.Namespace, d: Dist) -> None:
+def train(args: "DPOConfig", d: Dist) -> None:
     tokenizer, template = load_tokenizer(args)
     fmt = PreferenceFormat(args.prompt_key, args.chosen_key, args.rejected_key, args.apply_chat_template, args.input_template)
-    datasets = {"train": (args.dataset, args.dataset_split)}
+    datasets = {"train": (args.dataset, args.dataset_split, args.dataset_probs)}
     if args.eval_dataset:
-        datasets["eval"] = (args.eval_dataset, args.eval_split)
+        datasets["eval"] = (args.eval_dataset, args.eval_split, None)
     pairs: dict[str, list[PreferencePair]] = {}
-    for name, (spec, split) in datasets.items():
-        rows = load_rows(spec, split, args.max_samples)
+    for name, (spec, split, probs) in datasets.items():
+        rows = load_mixture(spec, probs, split, args.max_samples, args.seed)
         pairs[name], dropped = build_pairs(rows, tokenizer, fmt, args.max_len, template, d.is_main)
         if d.is_main:
             print(f"{name}: {len(pairs[name])} preference pairs from {spec} ({split}); dropped {dropped['too_long']} "
@@ -154,52 +166,62 @@ def train(args: argparse.Namespace, d: Dist) -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    model = load_sharded(args.pretrain, d, args.zero_stage, args.bf16, args.gradient_checkpointing)
+    lora = lora_spec(args)
+    model = load_sharded(args.pretrain, d, args.zero_stage, args.bf16, args.gradient_checkpointing, lora=lora, cpu_offload=args.adam_offload)
     if args.ref_offload and same_reference:
         precompute_reference(model, every_pair, args.micro_train_batch_size, pad_id, d)
-    if not args.ref_offload:
+    base_is_reference = not args.ref_offload and same_reference and lora is not None
+    if not args.ref_offload and not base_is_reference:
         reference = load_reference(args, d)
 
-    recipe = DPORecipe(loss_config(args), pad_id, reference)
+    recipe = DPORecipe(loss_config(args), pad_id, reference, base_is_reference)
     Trainer(args, d, model, tokenizer, recipe, pairs["train"], pairs.get("eval")).fit()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node=N -m eeyore.train.dpo",
-        description="Direct preference optimisation (sigmoid DPO, conservative DPO or IPO) of a Llama checkpoint "
-        "on prompt / chosen / rejected records, with OpenRLHF's flags and semantics.",
+@dataclass
+class DPOConfig(TrainConfig):
+    """The DPO run: the shared flags with train_dpo's defaults, the objective and the record fields."""
+
+    max_len: int = recipe_default("max_len", 512)
+    learning_rate: float = recipe_default("learning_rate", 1e-5)
+    max_epochs: int = recipe_default("max_epochs", 1)
+    ckpt_path: str = recipe_default("ckpt_path", "./ckpt/checkpoints_dpo")
+    wandb_project: str = recipe_default("wandb_project", "eeyore_train_dpo")
+    ref_pretrain: str | None = flag(None, "reference model checkpoint (none: --pretrain; with LoRA that is the frozen base, no second model)", "DPO")
+    ref_offload: bool = flag(False, "compute the reference log-probs once before training and keep no reference model during it", "DPO")
+    beta: float = flag(0.1, "DPO temperature: rewards are beta * (policy - reference) log-prob", "DPO")
+    label_smoothing: float = flag(0.0, "conservative DPO: the assumed probability that a pair's preference is flipped, in [0, 0.5)", "DPO")
+    ipo: bool = flag(False, "use the IPO loss (z - 1/(2 beta))^2 instead of the sigmoid loss", "DPO")
+    nll_loss_coef: float = flag(0.0, "weight of an added NLL term on the chosen responses (per-sequence token mean)", "DPO")
+    prompt_key: str | None = flag(None, "field with the prompt (messages, or text); without it chosen/rejected are whole conversations sharing all but their last message", "record fields")
+    chosen_key: str = flag("chosen", "field with the preferred response (messages or text)", "record fields")
+    rejected_key: str = flag("rejected", "field with the dispreferred response (messages or text)", "record fields")
+
+
+def parse_args(argv: list[str] | None = None) -> DPOConfig:
+    prog = "torchrun --nproc_per_node=N -m eeyore.train.dpo"
+    args = parse_config(
+        DPOConfig, argv, prog,
+        "Direct preference optimisation (sigmoid DPO, conservative DPO or IPO) of a Llama checkpoint on prompt / "
+        "chosen / rejected records, with every flag of OpenRLHF's train_dpo and its semantics.",
     )
-    add_common_args(parser, recipe="dpo", max_len=512, learning_rate=1e-5, max_epochs=1)
-    g = parser.add_argument_group("DPO")
-    g.add_argument("--ref_pretrain", default=None, help="reference model checkpoint (default: --pretrain)")
-    g.add_argument("--ref_offload", action="store_true", help="compute the reference log-probs once before training and keep no reference model during it")
-    g.add_argument("--beta", type=float, default=0.1, help="DPO temperature: rewards are beta * (policy - reference) log-prob")
-    g.add_argument("--label_smoothing", type=float, default=0.0, help="conservative DPO: the assumed probability that a pair's preference is flipped, in [0, 0.5)")
-    g.add_argument("--ipo", action="store_true", help="use the IPO loss (z - 1/(2 beta))^2 instead of the sigmoid loss")
-    g.add_argument("--nll_loss_coef", type=float, default=0.0, help="weight of an added NLL term on the chosen responses (per-sequence token mean)")
-    g = parser.add_argument_group("record fields")
-    g.add_argument("--prompt_key", default=None, help="field with the prompt (messages, or text); without it chosen/rejected are whole conversations sharing all but their last message")
-    g.add_argument("--chosen_key", default="chosen", help="field with the preferred response (messages or text)")
-    g.add_argument("--rejected_key", default="rejected", help="field with the dispreferred response (messages or text)")
-    g.add_argument("--input_template", default=None, help="without --apply_chat_template: a format string for the prompt text, e.g. 'User: {}\\nAssistant: '")
-    args = parser.parse_args(argv)
     args.ref_pretrain = args.ref_pretrain or args.pretrain
+    if args.pretrain_mode:
+        refuse(prog, "--pretrain_mode", "is an SFT flag; DPO trains on response tokens only")
     try:
         loss_config(args)
     except ValueError as e:
-        parser.error(str(e))
+        refuse(prog, "--beta/--label_smoothing/--ipo", str(e))
     return args
 
 
-def loss_config(args: argparse.Namespace) -> DPOLossConfig:
+def loss_config(args: Any) -> DPOLossConfig:
     return DPOLossConfig(args.beta, args.label_smoothing, args.ipo, args.nll_loss_coef)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with launch() as d:
-        torch.manual_seed(args.seed)
+    with launch(lambda: start_run(args)) as d:
         train(args, d)
 
 

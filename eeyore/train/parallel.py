@@ -26,17 +26,19 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
 from eeyore.model import Llama
 from eeyore.model.pretrained import load_pretrained, resolve_model_dir
+
+from .lora import LoRASpec, add_adapters, initial_adapters
 
 
 @dataclass
@@ -87,8 +89,9 @@ OTHER_RANKS_REPORT_AFTER_S = 5.0
 
 
 @contextlib.contextmanager
-def launch() -> Iterator[Dist]:
-    """The process group of one training run, as `with launch() as d: ...` in a recipe's `main()`.
+def launch(start: Callable[[], Dist] = init_distributed) -> Iterator[Dist]:
+    """The process group of one training run, as `with launch(start) as d: ...` in a recipe's
+    `main()`; `start()` joins it (the trainer's `start_run` also seeds and sets determinism).
 
     A user error (`USER_ERRORS`) ends the process with one line on stderr and exit status 1
     instead of a traceback. Every rank usually meets the same error (each reads the same data and
@@ -96,7 +99,7 @@ def launch() -> Iterator[Dist]:
     seconds later, i.e. when rank 0 did not fail too (torchrun stops the other ranks as soon as
     one exits with an error).
     """
-    d = init_distributed()
+    d = start()
     try:
         yield d
     except USER_ERRORS as exc:
@@ -128,36 +131,47 @@ def enable_activation_checkpointing(block: torch.nn.Module) -> None:
     block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def shard_model(model: Llama, mesh: DeviceMesh, zero_stage: int, bf16: bool, gradient_checkpointing: bool) -> Llama:
+def shard_model(
+    model: Llama, mesh: DeviceMesh, zero_stage: int, bf16: bool, gradient_checkpointing: bool, cpu_offload: bool = False,
+) -> Llama:
     # bf16 compute copies of fp32 master weights; gradients are reduced (and kept) in fp32.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    # --adam_offload: sharded weights, gradients and so the optimizer state and update stay on the
+    # CPU; pinned memory only speeds up copies to a GPU (and needs one).
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for block in model.model.layers:
         if gradient_checkpointing:
             enable_activation_checkpointing(block)
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=zero_stage == 3)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=zero_stage == 3, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False, offload_policy=offload)
     register_fsdp_forward_method(model, "hidden_states")  # the loss calls it, not forward
     return model
 
 
 def load_sharded(
     name_or_path: str | None, d: Dist, zero_stage: int = 2, bf16: bool = False, gradient_checkpointing: bool = False,
-    store_dtype: torch.dtype = torch.float32,
+    store_dtype: torch.dtype = torch.float32, lora: LoRASpec | None = None, cpu_offload: bool = False,
 ) -> Llama:
     """The checkpoint at `name_or_path` (None: the default model) as an FSDP2 model.
 
-    The one checkpoint loader (`eeyore.model.pretrained`) with a sharding step: rank 0 alone reads
+    The one checkpoint loader (`eeyore.model.pretrained`) with a placing step: rank 0 alone reads
     the weights, and they are broadcast into the shards. Shards are kept in `store_dtype`: fp32
     master weights for a model that trains; a frozen model that computes in bf16 anyway (the DPO
     reference under `--bf16`) can keep bf16 shards, which gives the same outputs at half the memory.
+    With `lora` the base is frozen and adapters (initialised on rank 0, like the weights) are added
+    before sharding; `cpu_offload` keeps the shards on the CPU (`--adam_offload`).
     """
     if d.is_main:  # may convert the default model on first use: once, before the others look
         resolve_model_dir(name_or_path)
     d.barrier()
 
     def distribute(model: Llama, full: dict[str, torch.Tensor]) -> None:
-        shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing)
-        model.to_empty(device=d.device)
+        if lora is not None:
+            add_adapters(model, lora)
+        shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing, cpu_offload)
+        model.to_empty(device="cpu" if cpu_offload else d.device)
+        if d.is_main and lora is not None:
+            full.update({k: v.to(store_dtype) for k, v in initial_adapters(model, lora).items()})
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     return load_pretrained(Llama, name_or_path, store_dtype, "cpu", distribute=distribute, read=d.is_main)

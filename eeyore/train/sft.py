@@ -1,7 +1,7 @@
 """Supervised fine-tuning: `torchrun --nproc_per_node=N -m eeyore.train.sft` (or plain `python -m`).
 
 The reference's OpenRLHF command runs as is with only the launcher replaced. Records become
-token ids and next-token targets, as OpenRLHF makes them:
+token ids and next-token targets:
 
 - chat records (`--apply_chat_template`): with `--multiturn` every assistant turn's content and
   end-of-turn token are targets; without it only the final assistant turn. Messages after the
@@ -18,7 +18,6 @@ row slices by `loss.cross_entropy_sum`); the step averages micro-batches and ran
 """
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -29,10 +28,13 @@ from tqdm import tqdm
 from eeyore.model.chat import ChatTemplate, TemplateError, tokenize_conversation
 from eeyore.model.tokenizer import Tokenizer
 
-from .data import DataError, Row, data_warnings, load_rows
+from .config import TrainConfig, flag, recipe_default
+from .data import DataError, Row, data_warnings
+from .flags import parse_config, refuse
 from .loss import IGNORE_INDEX, cross_entropy_sum
+from .mixing import load_mixture
 from .parallel import launch, load_sharded
-from .trainer import Trainer, add_common_args
+from .trainer import Trainer, lora_spec, start_run
 
 
 @dataclass
@@ -44,6 +46,8 @@ class SFTFormat:
     apply_chat_template: bool = False
     multiturn: bool = False
     max_len: int = 2048
+    input_template: str | None = None  # plain-text prompts go through it: "User: {}\nAssistant: "
+    pretrain_mode: bool = False  # every token is a target
 
 
 @dataclass
@@ -89,14 +93,18 @@ def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -
 
 
 def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
-    """Prompt + response + eos and the response's span; None for an empty response."""
+    """Ids and trained spans of a plain-text record; None for an empty response."""
+    if fmt.output_key is None and fmt.pretrain_mode:  # one text, all of it trained
+        ids = tok.encode(row.text(fmt.input_key).rstrip("\n"))
+        return ids + [tok.eos_ids[0]] * (not ids or ids[-1] != tok.eos_ids[0]), [(0, len(ids) + 1)]
     if fmt.output_key is None:
         raise DataError(f"{row.where}: plain-text records need --output_key (or use --apply_chat_template for messages)")
-    prompt = tok.encode(row.text(fmt.input_key))
-    text = row.text(fmt.output_key)
-    if not text.strip():
+    text = row.text(fmt.input_key)
+    prompt = tok.encode(fmt.input_template.format(text) if fmt.input_template else text)
+    response_text = row.text(fmt.output_key)
+    if not response_text.strip():
         return None
-    response = tok.encode(text.rstrip("\n"))
+    response = tok.encode(response_text.rstrip("\n"))
     if not response or response[-1] != tok.eos_ids[0]:
         response.append(tok.eos_ids[0])
     return prompt + response, [(len(prompt), len(prompt) + len(response))]
@@ -108,6 +116,8 @@ def make_example(row: Row, tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFo
     if made is None:
         return "no_assistant" if chat is not None else "empty_response"
     ids, spans = made
+    if fmt.pretrain_mode:
+        spans = [(0, len(ids))]
     if spans[-1][0] >= fmt.max_len - 2:  # the prompt of the last trained turn leaves no room
         return "too_long"
     labels = [IGNORE_INDEX] * len(ids)
@@ -164,54 +174,65 @@ class SFTRecipe:
         return sft_loss(model, batch)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m eeyore.train.sft",
-        description="Supervised fine-tuning on FSDP2 with OpenRLHF's train_sft flags. Launch with "
-        "`torchrun --nproc_per_node=N -m eeyore.train.sft ...` or plain `python -m eeyore.train.sft ...`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+@dataclass
+class SFTConfig(TrainConfig):
+    """The SFT run: the shared flags with train_sft's defaults, and the record fields."""
+
+    max_len: int = recipe_default("max_len", 2048)
+    learning_rate: float = recipe_default("learning_rate", 5e-6)
+    max_epochs: int = recipe_default("max_epochs", 2)
+    ckpt_path: str = recipe_default("ckpt_path", "./ckpt/checkpoints_sft")
+    wandb_project: str = recipe_default("wandb_project", "eeyore_train_sft")
+    input_key: str = flag("input", "field holding the messages (chat) or the prompt text", "records")
+    output_key: str | None = flag(None, "field holding the response (string or messages); chat records may leave it out", "records")
+    multiturn: bool = flag(False, "train on every assistant turn of a conversation, not only the last (needs --apply_chat_template)", "records")
+
+    def data_format(self) -> SFTFormat:
+        return SFTFormat(self.input_key, self.output_key, self.apply_chat_template, self.multiturn, self.max_len, self.input_template, self.pretrain_mode)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SFTConfig:
+    prog = "python -m eeyore.train.sft"
+    config = parse_config(
+        SFTConfig, argv, prog,
+        "Supervised fine-tuning on FSDP2 with every flag of OpenRLHF's train_sft. Launch with "
+        "`torchrun --nproc_per_node=N -m eeyore.train.sft ...`, `deepspeed --module eeyore.train.sft ...` "
+        "or plain `python -m eeyore.train.sft ...`.",
     )
-    add_common_args(parser, recipe="sft", max_len=2048, learning_rate=5e-6, max_epochs=2)
-    g = parser.add_argument_group("records")
-    g.add_argument("--input_key", default="input", help="field holding the messages (chat) or the prompt text")
-    g.add_argument("--output_key", default=None, help="field holding the response (string or messages); chat records may leave it out")
-    g.add_argument("--multiturn", action="store_true", help="train on every assistant turn of a conversation, not only the last (needs --apply_chat_template)")
-    args = parser.parse_args(argv)
-    if args.multiturn and not args.apply_chat_template:
-        parser.error("--multiturn needs --apply_chat_template")
-    return args
+    if config.multiturn and not config.apply_chat_template:
+        refuse(prog, "--multiturn", "needs --apply_chat_template")
+    return config
 
 
-def _load(spec: str, split: str, args: argparse.Namespace, tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat, show: bool) -> list[SFTExample]:
-    rows = load_rows(spec, split, args.max_samples)
-    examples, counts = build_examples(rows, tok, chat, fmt, spec, show)
+def _load(specs: str, split: str, probs: str | None, cfg: SFTConfig, tok: Tokenizer, chat: ChatTemplate | None, show: bool) -> list[SFTExample]:
+    rows = load_mixture(specs, probs, split, cfg.max_samples, cfg.seed)
+    fmt = cfg.data_format()
+    examples, counts = build_examples(rows, tok, chat, fmt, specs, show)
     if show:
         empty = f", {counts['empty_response']} with an empty response" if counts["empty_response"] else ""
         print(
-            f"{spec} [{split}]: {len(examples)} examples from {len(rows)} records; dropped "
+            f"{specs} [{split}]: {len(examples)} examples from {len(rows)} records; dropped "
             f"{counts['too_long']} whose prompt has >= max_len-2 = {fmt.max_len - 2} tokens{empty} and "
             f"{counts['no_assistant']} without a non-empty assistant turn; cut to max_len: {counts['truncated']}"
         )
-        for line in data_warnings(rows, spec):
+        for line in data_warnings(rows, specs):
             print(line)
     return examples
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    with launch() as d:
-        torch.manual_seed(args.seed)
-        model = load_sharded(args.pretrain, d, args.zero_stage, args.bf16, args.gradient_checkpointing)
+    cfg = parse_args(argv)
+    with launch(lambda: start_run(cfg)) as d:
+        model = load_sharded(cfg.pretrain, d, cfg.zero_stage, cfg.bf16, cfg.gradient_checkpointing, lora=lora_spec(cfg), cpu_offload=cfg.adam_offload)
         tok = Tokenizer.from_pretrained(model.name_or_path)
         chat = None
-        if args.apply_chat_template:
-            chat = ChatTemplate.for_tokenizer(tok, args.tokenizer_chat_template)
+        if cfg.apply_chat_template:
+            chat = ChatTemplate.for_tokenizer(tok, cfg.tokenizer_chat_template)
             tok.chat_template = chat.source  # the final checkpoint serves with the template it learnt
-        fmt = SFTFormat(args.input_key, args.output_key, args.apply_chat_template, args.multiturn, args.max_len)
-        train = _load(args.dataset, args.dataset_split, args, tok, chat, fmt, d.is_main)
-        evals = _load(args.eval_dataset, args.eval_split, args, tok, chat, fmt, d.is_main) if args.eval_dataset else None
+        train = _load(cfg.dataset, cfg.dataset_split, cfg.dataset_probs, cfg, tok, chat, d.is_main)
+        evals = _load(cfg.eval_dataset, cfg.eval_split, None, cfg, tok, chat, d.is_main) if cfg.eval_dataset else None
         pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
-        Trainer(args, d, model, tok, SFTRecipe(pad_id), train, evals).fit()
+        Trainer(cfg, d, model, tok, SFTRecipe(pad_id), train, evals).fit()
 
 
 if __name__ == "__main__":
