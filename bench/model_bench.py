@@ -16,8 +16,7 @@ import time
 import torch
 
 from eeyore.model import KVCache, Llama
-from eeyore.model.llama import resolve_dtype
-from eeyore.model.weights import resolve_model_dir
+from eeyore.model.pretrained import resolve_dtype, resolve_model_dir
 
 
 @torch.inference_mode()

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from eeyore.model import Llama, LlamaConfig
 from eeyore.model.chat import ChatTemplate
 from eeyore.model.tokenizer import Tokenizer
-from eeyore.model.weights import resolve_model_dir
+from eeyore.model.pretrained import resolve_model_dir
 from eeyore.train import sft
 from eeyore.train.data import Row
 from eeyore.train.loss import IGNORE_INDEX, cross_entropy_sum

@@ -5,7 +5,6 @@ llama3 frequency scaling.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from torch import nn
 from .config import LlamaConfig
 from .kv_cache import KVCache
 from .linear import linear, pack_weight, packable
-from .weights import load_state_dict, resolve_model_dir, save_checkpoint
+from .pretrained import load_pretrained
+from .weights import save_checkpoint
 
 try:  # flash-attn is an optional CUDA-only build
     from flash_attn import flash_attn_varlen_func
@@ -218,26 +218,9 @@ class Llama(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
     ) -> "Llama":
-        """Load a HF-format checkpoint; None loads the embedded default model."""
-        model_dir = resolve_model_dir(path_or_hub_id)
-        config = LlamaConfig.from_file(model_dir)
-        dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
-        with torch.device("meta"):  # no memory for the random init: weights are assigned below
-            model = cls(config)
-        state = load_state_dict(model_dir, dtype, device)
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise ValueError(f"{model_dir}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        gen = model_dir / "generation_config.json"
-        if gen.is_file():
-            model.generation_config = json.loads(gen.read_text())
-        model.name_or_path = str(model_dir)
-        return model.eval()
+        """Load a HF-format checkpoint (a folder or a hub id in the local cache); None loads the
+        embedded default model. `dtype` defaults to the checkpoint's. See `pretrained.py`."""
+        return load_pretrained(cls, path_or_hub_id, dtype, device).eval()
 
     def pack_for_cpu_inference(self) -> "Llama":
         """Replace every projection's fp32 CPU weight by oneDNN's blocked copy (see `linear.py`).
@@ -260,12 +243,3 @@ class Llama(nn.Module):
                              "save it before calling pack_for_cpu_inference()")
         return save_checkpoint(out_dir, self.state_dict(), self.config, tokenizer, self.generation_config or None, max_shard_bytes)
 
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(dtype, dtype)
-    value = getattr(torch, str(name), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    return value

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from eeyore.model.weights import DEFAULT_MODEL_NAME
+from eeyore.model.lookup import DEFAULT_MODEL_NAME
 
 from .app import MAX_BODY_BYTES, create_app
 from .engine import Engine

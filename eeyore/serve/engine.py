@@ -34,7 +34,7 @@ import torch
 from eeyore.model import KVCache, Llama
 from eeyore.model.chat import ChatTemplate, TemplateError
 from eeyore.model.tokenizer import Tokenizer
-from eeyore.model.weights import resolve_model_dir
+from eeyore.model.pretrained import resolve_model_dir
 
 from . import offline
 from .memory import plan_cache

@@ -34,16 +34,17 @@ from tqdm import tqdm
 
 from eeyore.model.chat import ChatTemplate
 from eeyore.model.tokenizer import Tokenizer
-from eeyore.model.weights import resolve_model_dir
+from eeyore.model.pretrained import resolve_model_dir
 
 from .config import TrainConfig, flag, recipe_default
+from .data import data_warnings
 from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs, collate_pairs_packed
 from .dpo_loss import DPOLossConfig, preference_loss, response_logps
 from .flags import parse_config, refuse
 from .lora import adapters_disabled
 from .mixing import load_mixture
 from .packing import model_inputs
-from .parallel import Dist, close_distributed, load_sharded, reshard
+from .parallel import Dist, launch, load_sharded, reshard
 from .trainer import Trainer, lora_spec, start_run
 
 
@@ -151,8 +152,11 @@ def train(args: "DPOConfig", d: Dist) -> None:
         rows = load_mixture(spec, probs, split, args.max_samples, args.seed)
         pairs[name], dropped = build_pairs(rows, tokenizer, fmt, args.max_len, template, d.is_main)
         if d.is_main:
-            print(f"{name}: {len(pairs[name])} preference pairs from {spec} ({split}); {dropped} dropped: "
-                  f"prompt of >= max_len - 2 = {args.max_len - 2} tokens")
+            print(f"{name}: {len(pairs[name])} preference pairs from {spec} ({split}); dropped {dropped['too_long']} "
+                  f"whose prompt has >= max_len - 2 = {args.max_len - 2} tokens and {dropped['empty_response']} "
+                  f"with an empty chosen or rejected response")
+            for line in data_warnings(rows, spec):
+                print(line)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]
     every_pair = [p for split_pairs in pairs.values() for p in split_pairs]
 
@@ -220,11 +224,8 @@ def loss_config(args: Any) -> DPOLossConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    d = start_run(args)
-    try:
+    with launch(lambda: start_run(args)) as d:
         train(args, d)
-    finally:
-        close_distributed()
 
 
 if __name__ == "__main__":

@@ -29,12 +29,12 @@ from eeyore.model.chat import ChatTemplate, TemplateError, tokenize_conversation
 from eeyore.model.tokenizer import Tokenizer
 
 from .config import TrainConfig, flag, recipe_default
-from .data import DataError, Row
+from .data import DataError, Row, data_warnings
 from .flags import parse_config, refuse
 from .loss import IGNORE_INDEX, cross_entropy_sum
 from .packing import PackedLayout, model_inputs, pack
 from .mixing import load_mixture
-from .parallel import close_distributed, load_sharded
+from .parallel import launch, load_sharded
 from .trainer import Trainer, lora_spec, start_run
 
 
@@ -72,13 +72,10 @@ class SFTBatch:
 
 def _conversation(row: Row, fmt: SFTFormat) -> tuple[list[dict[str, str]], int]:
     """The messages of a chat record and how many of them form the prompt of `--output_key`."""
-    value = row.field(fmt.input_key)
-    prompt = [{"role": "user", "content": value}] if isinstance(value, str) else row.messages(fmt.input_key)
+    prompt = row.chat(fmt.input_key, "user")
     if fmt.output_key is None:
         return prompt, 0
-    value = row.field(fmt.output_key)
-    response = [{"role": "assistant", "content": value}] if isinstance(value, str) else row.messages(fmt.output_key)
-    return prompt + response, len(prompt)
+    return prompt + row.chat(fmt.output_key, "assistant"), len(prompt)
 
 
 def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
@@ -98,7 +95,8 @@ def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -
     return ids[: spans[-1][1]], spans
 
 
-def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]]:
+def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """Ids and trained spans of a plain-text record; None for an empty response."""
     if fmt.output_key is None and fmt.pretrain_mode:  # one text, all of it trained
         ids = tok.encode(row.text(fmt.input_key).rstrip("\n"))
         return ids + [tok.eos_ids[0]] * (not ids or ids[-1] != tok.eos_ids[0]), [(0, len(ids) + 1)]
@@ -106,17 +104,20 @@ def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], l
         raise DataError(f"{row.where}: plain-text records need --output_key (or use --apply_chat_template for messages)")
     text = row.text(fmt.input_key)
     prompt = tok.encode(fmt.input_template.format(text) if fmt.input_template else text)
-    response = tok.encode(row.text(fmt.output_key).rstrip("\n"))
+    response_text = row.text(fmt.output_key)
+    if not response_text.strip():
+        return None
+    response = tok.encode(response_text.rstrip("\n"))
     if not response or response[-1] != tok.eos_ids[0]:
         response.append(tok.eos_ids[0])
     return prompt + response, [(len(prompt), len(prompt) + len(response))]
 
 
 def make_example(row: Row, tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat) -> SFTExample | str:
-    """The example of one record, or why it is left out ("no_assistant" / "too_long")."""
+    """The example of one record, or why it is left out ("no_assistant" / "empty_response" / "too_long")."""
     made = _chat_tokens(row, tok, chat, fmt) if chat is not None else _text_tokens(row, tok, fmt)
     if made is None:
-        return "no_assistant"
+        return "no_assistant" if chat is not None else "empty_response"
     ids, spans = made
     if fmt.pretrain_mode:
         spans = [(0, len(ids))]
@@ -219,18 +220,20 @@ def _load(specs: str, split: str, probs: str | None, cfg: SFTConfig, tok: Tokeni
     fmt = cfg.data_format()
     examples, counts = build_examples(rows, tok, chat, fmt, specs, show)
     if show:
+        empty = f", {counts['empty_response']} with an empty response" if counts["empty_response"] else ""
         print(
             f"{specs} [{split}]: {len(examples)} examples from {len(rows)} records; dropped "
-            f"{counts['too_long']} whose prompt has >= max_len-2 = {fmt.max_len - 2} tokens and "
-            f"{counts['no_assistant']} without an assistant turn; cut to max_len: {counts['truncated']}"
+            f"{counts['too_long']} whose prompt has >= max_len-2 = {fmt.max_len - 2} tokens{empty} and "
+            f"{counts['no_assistant']} without a non-empty assistant turn; cut to max_len: {counts['truncated']}"
         )
+        for line in data_warnings(rows, specs):
+            print(line)
     return examples
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
-    d = start_run(cfg)
-    try:
+    with launch(lambda: start_run(cfg)) as d:
         model = load_sharded(cfg.pretrain, d, cfg.zero_stage, cfg.bf16, cfg.gradient_checkpointing, lora=lora_spec(cfg), cpu_offload=cfg.adam_offload)
         tok = Tokenizer.from_pretrained(model.name_or_path)
         chat = None
@@ -241,8 +244,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         evals = _load(cfg.eval_dataset, cfg.eval_split, None, cfg, tok, chat, d.is_main) if cfg.eval_dataset else None
         pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
         Trainer(cfg, d, model, tok, SFTRecipe(pad_id, cfg.packing_samples), train, evals).fit()
-    finally:
-        close_distributed()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ callable to `STEP_END_CALLBACKS`; each is called with the trainer after every op
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import time
 from pathlib import Path
@@ -237,12 +239,22 @@ class Trainer:
 
     # -- checkpoints and the final model -------------------------------------------------------
 
+    @functools.cached_property
+    def run_facts(self) -> dict[str, Any]:
+        """What decides this run's loss curve: a checkpoint must share it to be resumed (checkpoint.check_run)."""
+        cfg = self.config
+        return {
+            "train_examples": len(self.train), "train_data": checkpoint.data_digest(self.train),
+            "train_batch_size": cfg.train_batch_size, "seed": cfg.seed, "max_epochs": cfg.max_epochs,
+            "total_steps": self.total_steps, "warmup_steps": math.ceil(self.total_steps * cfg.lr_warmup_ratio),
+            "lr_scheduler": cfg.lr_scheduler, "min_lr_ratio": cfg.min_lr_ratio, "learning_rate": cfg.learning_rate,
+        }
+
     def _trainer_state(self) -> dict[str, Any]:
         recipe_state = self.recipe.state_dict() if hasattr(self.recipe, "state_dict") else {}
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "scheduler": self.scheduler.state_dict(), "recipe": recipe_state,
-            "train_examples": len(self.train), "train_batch_size": self.config.train_batch_size, "seed": self.config.seed,
+            "scheduler": self.scheduler.state_dict(), "recipe": recipe_state, **self.run_facts,
         }
 
     def _save_checkpoint(self) -> None:
@@ -253,16 +265,12 @@ class Trainer:
             self.save_model(Path(cfg.ckpt_path) / f"global_step{self.step}_hf")
 
     def _resume(self) -> None:
-        path = checkpoint.latest(self.config.ckpt_path)
-        if path is None:
+        found = checkpoint.resume(self.config.ckpt_path, self.model, self.optimizer, self.d, self.run_facts)
+        if found is None:
             if self.d.is_main:
                 print(f"--load_checkpoint: no checkpoint in {self.config.ckpt_path}; starting from the pretrained model")
             return
-        state = checkpoint.load(path, self.model, self.optimizer, self.d)
-        expected = {"train_examples": len(self.train), "train_batch_size": self.config.train_batch_size, "seed": self.config.seed}
-        changed = {k: (state[k], v) for k, v in expected.items() if state[k] != v}
-        if changed:
-            raise ValueError(f"{path}: cannot resume exactly, the data order changed (saved vs now: {changed})")
+        path, state = found
         self.scheduler.load_state_dict(state["scheduler"])
         if hasattr(self.recipe, "load_state_dict"):
             self.recipe.load_state_dict(state["recipe"])
