@@ -24,7 +24,7 @@ from eeyore.train.data import DataError
 from .backends import EngineBackend, OpenAIBackend
 from .schema import ProfileError
 from .state import Studio, annotator_tokens
-from .web import create_app
+from .app import create_app
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,7 @@
-"""The studio's aiohttp application: browser sessions, CSRF, sign-in, security headers, pages.
+"""The studio's HTTP ground: browser sessions, CSRF, sign-in, security headers, JSON bodies.
+
+The pages (`practice.py`, `annotate.py`, `profile_review.py`) build on these helpers, and
+`app.py` puts the pages and this middleware together into one application.
 
 Every browser gets a session cookie (HttpOnly, SameSite=Strict) and a per-session CSRF token
 that each POST must echo in `X-CSRF-Token`; state changes only by POST. Annotators sign in with
@@ -8,7 +11,6 @@ Policy forbids inline and foreign scripts as a second line of defence.
 """
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import secrets
@@ -44,44 +46,6 @@ STUDIO = web.AppKey("studio", object)
 SESSIONS = web.AppKey("sessions", dict)
 TOKENS = web.AppKey("tokens", dict)
 SESSION = web.RequestKey("session", BrowserSession)
-
-
-def create_app(studio: Any, annotator_tokens: dict[str, str] | None) -> web.Application:
-    """`studio` holds the pages' state (see __main__.Studio); `annotator_tokens` name -> token,
-    None when anyone may annotate as 'local'."""
-    from . import annotate, practice, profile_review  # the pages' routes
-
-    app = web.Application(middlewares=[guard], client_max_size=2 * 2**20)
-    app[STUDIO], app[SESSIONS], app[TOKENS] = studio, {}, annotator_tokens
-    app.router.add_get("/", to_practice)
-    for path, name in PAGES.items():
-        app.router.add_get(path, _page(name))
-    app.router.add_static("/static/", STATIC, follow_symlinks=False)
-    app.router.add_get("/api/session", session_info)
-    app.router.add_post("/api/signin", sign_in)
-    app.router.add_post("/api/signout", sign_out)
-    for module in (practice, annotate, profile_review):
-        module.add_routes(app)
-
-    async def start(app: web.Application) -> None:
-        studio.loading = asyncio.get_running_loop().run_in_executor(None, studio.backend.load)
-
-    async def stop(app: web.Application) -> None:
-        await studio.shutdown()
-
-    app.on_startup.append(start)
-    app.on_cleanup.append(stop)
-    return app
-
-
-async def to_practice(request: web.Request) -> web.Response:
-    raise web.HTTPFound("/practice")
-
-
-def _page(name: str):
-    async def handler(request: web.Request) -> web.FileResponse:
-        return web.FileResponse(STATIC / name)
-    return handler
 
 
 @web.middleware
