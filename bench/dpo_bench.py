@@ -174,7 +174,7 @@ def main() -> None:
     p.add_argument("--memory_of", choices=CONFIGS, help=argparse.SUPPRESS)  # internal: one memory run
     args = p.parse_args()
     if args.model is None:
-        from eeyore.model.weights import resolve_model_dir
+        from eeyore.model.pretrained import resolve_model_dir
 
         args.model = str(resolve_model_dir(None))
     if args.memory_of:

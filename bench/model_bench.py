@@ -25,9 +25,8 @@ import torch
 
 from eeyore.model import KVCache, Llama
 from eeyore.model.decode import DecodeStep, for_inference
-from eeyore.model.llama import resolve_dtype
 from eeyore.model.tokenizer import Tokenizer
-from eeyore.model.weights import resolve_model_dir
+from eeyore.model.pretrained import resolve_dtype, resolve_model_dir
 from machine import cpu_description, weight_bytes, weight_pass_seconds
 
 TEXTS = [  # natural prompts: greedy continuations of random ids are full of near-ties

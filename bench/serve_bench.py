@@ -59,7 +59,7 @@ def run_baseline_server(port: int, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
 
-    from eeyore.model.weights import default_model_dir
+    from eeyore.model.lookup import default_model_dir
 
     model_dir = default_model_dir()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)

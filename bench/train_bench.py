@@ -2,6 +2,7 @@
 
     python bench/train_bench.py                     # SmolLM2-135M-Instruct, 4 x 512 real tokens, fp32
     python bench/train_bench.py --model DIR --batch 2 --seq 1024 --threads 2
+    python bench/train_bench.py --only packing --batch 4   # --packing_samples against padding, 12 real conversations
     python bench/train_bench.py --mfu               # CUDA only: MFU of a Llama-3.2-1B-shaped model, bf16
     python bench/train_bench.py --only variants     # full fine-tune vs LoRA rank 16 vs --adam_offload
 
@@ -15,6 +16,9 @@ Step: both sides train the same model on the same batch of real conversations (t
 set, ChatML, assistant-only targets): eeyore is `Trainer.train_step` (FSDP2 over a world of one,
 sliced cross-entropy, clipping, AdamW); transformers is `model(input_ids, labels=...)`, backward,
 `clip_grad_norm_`, AdamW. They alternate; time is the median of --steps steps after one warm-up.
+Packing: one step over all 12 real conversations (whole, up to --packing-max-len) in micro-batches
+of --batch, padded and with `--packing_samples`, alternating, at learning rate 0 so both sides
+always see the same weights; tokens/s counts real tokens and the first losses must agree.
 Loss: fp32 forward + backward of the loss of `hidden [seq, H] @ W.T` over a 128256 vocabulary,
 sliced against `F.cross_entropy` on the full logits.
 
@@ -41,7 +45,7 @@ from eeyore.model import Llama, LlamaConfig
 from eeyore.model.chat import ChatTemplate
 from eeyore.model.fastpath import speed_up
 from eeyore.model.tokenizer import Tokenizer
-from eeyore.model.weights import resolve_model_dir
+from eeyore.model.pretrained import resolve_model_dir
 from eeyore.train import sft
 from eeyore.train.data import Row
 from eeyore.train.loss import IGNORE_INDEX, cross_entropy_sum
@@ -223,46 +227,100 @@ def bench_loss(args: argparse.Namespace) -> None:
     print(f"{'ratio':14}{t0 / t1:11.2f}x{m1 / m0:11.2f}x   (speed-up, memory fraction)")
 
 
-def bench_mfu(args: argparse.Namespace) -> None:
-    """Model FLOPs utilisation of our bf16 training step on a Llama-3.2-1B-shaped model (random weights)."""
-    if not torch.cuda.is_available():
-        raise SystemExit("--mfu needs a CUDA device")
-    name = torch.cuda.get_device_name()
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    if peak is None:
-        raise SystemExit(f"unknown peak bf16 FLOP/s for {name}: pass --peak-tflops")
-    config = LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="float32",
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    )
+def bench_packing(args: argparse.Namespace) -> None:
+    """One SFT step over the 12 real conversations, padded micro-batches against packed ones."""
+    if not PROFILES.is_file():
+        print(f"packing: skipped, {PROFILES} is not available")
+        return
+    model_dir = resolve_model_dir(args.model)
+    tok = Tokenizer.from_pretrained(model_dir)
+    fmt, chat, cut = sft.SFTFormat("messages", None, True, True, 1 << 30), ChatTemplate.for_tokenizer(tok), args.packing_max_len
+    conversations = [r["conversation"] for r in json.loads(PROFILES.read_text())]
+    whole = [sft.make_example(Row({"messages": c}, "profiles"), tok, chat, fmt) for c in conversations]
+    # the first --packing-fraction of each conversation (keeps their unequal lengths), at most --packing-max-len tokens
+    keep = [min(cut, max(2, round(len(e.input_ids) * args.packing_fraction))) for e in whole]
+    examples = [sft.SFTExample(e.input_ids[:n], e.labels[:n]) for e, n in zip(whole, keep)]
+    examples = examples[: len(examples) - len(examples) % args.batch]
+    d = init_distributed()
+    model = load_sharded(str(model_dir), d, zero_stage=2)
+    # learning rate 0: the weights never change, so every step of either side sees the same model
+    flags = ["--dataset", "-", "--train_batch_size", str(len(examples)), "--micro_train_batch_size", str(args.batch), "--learning_rate", "0"]
+    trainer = Trainer(sft.parse_args(flags), d, model, tok, sft.SFTRecipe(0), examples)
+    groups = [examples[i : i + args.batch] for i in range(0, len(examples), args.batch)]
+    sides = {"padded": sft.SFTRecipe(tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]), "packed": sft.SFTRecipe(0, packing=True)}
+    runs: dict[str, list[dict]] = {k: [] for k in sides}
+    for _ in range(args.steps):  # alternate the sides: the machine's background load drifts
+        for name, recipe in sides.items():
+            runs[name].append(trainer.train_step([recipe.collate(g) for g in groups]))
+    real = sum(len(e.input_ids) for e in examples)
+    padded = sum(len(g) * max(len(e.input_ids) for e in g) for g in groups)
+    print(f"\nSFT step, {len(examples)} real conversations ({real} tokens, {padded} when padded), micro-batches of {args.batch}, "
+          f"max_len {args.packing_max_len}, fraction {args.packing_fraction}, {model_dir.name}, fp32, {torch.get_num_threads()} threads, median of {args.steps}")
+    rate = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    for name, v in runs.items():
+        print(f"{name:10}{rate[name]:10.0f} tokens/s   loss {v[0]['loss']:.6f}")
+    print(f"{'ratio':10}{rate['packed'] / rate['padded']:9.2f}x   loss difference {abs(runs['packed'][0]['loss'] - runs['padded'][0]['loss']):.2e}")
+
+
+LLAMA_1B = dict(  # Llama-3.2-1B's shape
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="float32",
+    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
+
+
+def sft_step_seconds(config: LlamaConfig, batch: int, seq: int, steps: int, bf16: bool) -> tuple[float, int]:
+    """Seconds per SFT optimizer step (FSDP2, world of one) on random weights and tokens, and the
+    parameter count. Two warm-up steps first; the device is the one `init_distributed` picks."""
     d = init_distributed()
     with torch.device("meta"):
         model = Llama(config)
-    shard_model(model, data_parallel_mesh(d, 2), 2, bf16=True, gradient_checkpointing=False)
+    shard_model(model, data_parallel_mesh(d, 2), 2, bf16=bf16, gradient_checkpointing=False)
     model.to_empty(device=d.device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
     model.generation_config = {}
-    flags = ["--dataset", "-", "--train_batch_size", str(args.batch), "--micro_train_batch_size", str(args.batch), "--bf16"]
-    trainer = Trainer(sft.parse_args(flags), d, model, None, sft.SFTRecipe(0), [None] * args.batch)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
-    batch = sft.SFTBatch(ids, ids.roll(-1, 1), ids.numel())
+    flags = ["--dataset", "-", "--train_batch_size", str(batch), "--micro_train_batch_size", str(batch)] + (["--bf16"] if bf16 else [])
+    trainer = Trainer(sft.parse_args(flags), d, model, None, sft.SFTRecipe(0), [None] * batch)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    micro = sft.SFTBatch(ids, ids.roll(-1, 1), ids.numel())
+    sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     for _ in range(2):
-        trainer.train_step([batch])
-    torch.cuda.synchronize()
+        trainer.train_step([micro])
+    sync()
     start = time.perf_counter()
-    for _ in range(args.steps):
-        trainer.train_step([batch])
-    torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    params = sum(p.numel() for p in model.parameters())
-    # PaLM's count: 6 FLOPs per parameter per token (the tied head counted once, the embedding
-    # lookup is free but its matrix is the head's), plus attention's 12 * layers * width * length.
-    flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * args.seq
-    mfu = flops_per_token * ids.numel() / seconds / peak
-    print(f"MFU on {name}: {mfu:.1%} ({ids.numel() / seconds:.0f} tokens/s, {args.batch} x {args.seq}, bf16, peak {peak / 1e12:.0f} TFLOP/s)")
+    for _ in range(steps):
+        trainer.train_step([micro])
+    sync()
+    return (time.perf_counter() - start) / steps, sum(p.numel() for p in model.parameters())
+
+
+def training_flops_per_token(config: LlamaConfig, params: int, seq: int) -> float:
+    """PaLM's count: 6 FLOPs per parameter per token (the tied head counted once, the embedding
+    lookup is free but its matrix is the head's), plus attention's 12 * layers * width * length."""
+    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
+def peak_bf16_flops(override_tflops: float | None = None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def bench_mfu(args: argparse.Namespace) -> None:
+    """Model FLOPs utilisation of our bf16 training step on a Llama-3.2-1B-shaped model (random weights)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--mfu needs a CUDA device")
+    peak = peak_bf16_flops(args.peak_tflops)
+    if peak is None:
+        raise SystemExit(f"unknown peak bf16 FLOP/s for {torch.cuda.get_device_name()}: pass --peak-tflops")
+    config = LlamaConfig(**LLAMA_1B)
+    seconds, params = sft_step_seconds(config, args.batch, args.seq, args.steps, bf16=True)
+    tokens = args.batch * args.seq
+    mfu = training_flops_per_token(config, params, args.seq) * tokens / seconds / peak
+    print(f"MFU on {torch.cuda.get_device_name()}: {mfu:.1%} ({tokens / seconds:.0f} tokens/s, {args.batch} x {args.seq}, bf16, peak {peak / 1e12:.0f} TFLOP/s)")
 
 
 def main() -> None:
@@ -277,7 +335,9 @@ def main() -> None:
     parser.add_argument("--loss-vocab", type=int, default=128256, help="vocabulary of the loss benchmark")
     parser.add_argument("--loss-hidden", type=int, default=2048, help="hidden size of the loss benchmark (Llama-3.2-1B's)")
     parser.add_argument("--cpu-matmul", default="auto", help="auto (measured at start), blas, onednn (default auto)")
-    parser.add_argument("--only", choices=("step", "loss", "variants"), default=None, help="run one of the CPU benchmarks (variants: full vs LoRA vs --adam_offload; not in the default run)")
+    parser.add_argument("--only", choices=("step", "loss", "packing", "variants"), default=None, help="run one of the CPU benchmarks (variants: full vs LoRA vs --adam_offload; not in the default run)")
+    parser.add_argument("--packing-max-len", type=int, default=2048, help="--max_len of the packing benchmark's conversations")
+    parser.add_argument("--packing-fraction", type=float, default=1.0, help="packing benchmark: keep the first fraction of each conversation (a quicker run, same spread of lengths)")
     parser.add_argument("--mfu", action="store_true", help="CUDA only: MFU of a Llama-3.2-1B-shaped model in bf16 (uses --batch, --seq, --steps)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, when not an H100/H200/A100")
     args = parser.parse_args()
@@ -290,6 +350,8 @@ def main() -> None:
         bench_step(args)
     if args.only in (None, "loss"):
         bench_loss(args)
+    if args.only in (None, "packing"):
+        bench_packing(args)
     if args.only == "variants":
         bench_variants(args)
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 
-SHARED_PROFILES = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
+from shared_data import shared_records
 
 
 @pytest.fixture(scope="session")
@@ -21,9 +20,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def conversations() -> list[list[dict]]:
     """The 12 real conversations of the reference test set (system prompt first)."""
-    if not SHARED_PROFILES.is_file():
-        pytest.skip(f"{SHARED_PROFILES} is not available")
-    return [record["conversation"] for record in json.loads(SHARED_PROFILES.read_text())]
+    return [record["conversation"] for record in shared_records()]
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def test_llama3_response_is_content_plus_eot(llama3, conversations):
     template = ChatTemplate(LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>")
     records = turn_records(conversations)
     pairs, dropped = build_pairs(rows(records), llama3, CHAT, max_len=5120, template=template)
-    assert dropped == 0 and len(pairs) == 12
+    assert dropped["too_long"] == dropped["empty_response"] == 0 and len(pairs) == 12
     for pair, record in zip(pairs, records):
         prompt = llama3.encode(template.render(record["prompt"], add_generation_prompt=True))
         assert prompt[0] == 128000 and prompt[-2:] == llama3.encode("<|end_header_id|>\n\n")
@@ -74,8 +74,8 @@ def test_long_prompts_dropped_and_long_pairs_cut(llama3, conversations):
     max_len = 700
     prompt_lens = [len(llama3.encode(template.render(r["prompt"], add_generation_prompt=True))) for r in records]
     pairs, dropped = build_pairs(rows(records), llama3, CHAT, max_len, template)
-    assert dropped == sum(n >= max_len - 2 for n in prompt_lens) > 0
-    assert len(pairs) == 12 - dropped > 0
+    assert dropped["too_long"] == sum(n >= max_len - 2 for n in prompt_lens) > 0
+    assert len(pairs) == 12 - dropped["too_long"] > 0
     for pair in pairs:
         assert len(pair.chosen) <= max_len and len(pair.rejected) == max_len  # 400 "no"s do not fit
         assert pair.chosen[-1] == EOT and pair.rejected[-1] == EOT  # a cut sequence still ends with eos

@@ -1,7 +1,6 @@
 """Authenticity metrics on fixed texts (hand-computed), against the lexicon packages' own
 scoring, and on the real conversations; the statistics they are compared with."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +8,7 @@ import pytest
 from eeyore.eval import authenticity as A
 from eeyore.eval.stats import ks_statistic, mean_ci, standardized_mean_difference
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared test profiles not present")
+from shared_data import SHARED_PROFILES as SHARED, needs_shared
 
 
 def test_rates_and_diversity_by_hand():

@@ -91,10 +91,11 @@ def test_evaluator_against_the_project_server(server, tmp_path):
     assert len(results["profiles"][0]["free"]["messages"]) == 1 + 2 * 2
     assert results["timing"]["requests"] >= len(plan) * 4 and results["timing"]["sessions_cached"] == 0
 
-    # the rerun does nothing new
+    # the rerun does nothing new, and keeps the timing of the run that did the work
     assert eval_main(args) == 0
     again = json.loads((run_dir / "results.json").read_text())
-    assert again["timing"]["sessions_run"] == 0 and again["timing"]["requests"] == 0
+    assert again["timing"]["sessions_run"] == 0 and again["timing"]["requests"] == results["timing"]["requests"]
+    assert again["timing"]["wall_s"] >= results["timing"]["wall_s"] and again["timing"]["invocations"] == 2
     assert again["profiles"] == results["profiles"] and again["adherence"] == results["adherence"]
 
     assert report_main([str(run_dir), "--out", str(tmp_path / "report")]) == 0

@@ -1,6 +1,5 @@
 """The interview plan (each trait is asked about itself) and the interview loop."""
 import asyncio
-from pathlib import Path
 
 import pytest
 
@@ -8,7 +7,7 @@ from eeyore.profile import Trait, load_profiles, traits
 from eeyore.eval.interview import (DISTORTION_PLAIN_WORDS, OVERALL_QUESTIONS, interview, plain_words,
                                    questions_for)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
+from shared_data import SHARED_PROFILES as SHARED
 
 
 def all_profiles():

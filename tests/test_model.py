@@ -6,7 +6,8 @@ import torch
 import transformers
 
 from eeyore.model import KVCache, Llama, LlamaConfig
-from eeyore.model.weights import load_state_dict, resolve_model_dir
+from eeyore.model.pretrained import resolve_model_dir
+from eeyore.model.weights import load_state_dict
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",

@@ -2,7 +2,6 @@
 rendered prompt back, and the trait plan."""
 import copy
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +10,7 @@ from eeyore.profile import (
     render_system_prompt, sample_profiles_path, severity_level, traits, validate_profile,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
-needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="shared test profiles not present")
+from shared_data import SHARED_PROFILES as SHARED, needs_shared
 
 
 @needs_shared

@@ -3,12 +3,13 @@ name the file, row and field."""
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eeyore.train.data import DataError, load_rows
+from eeyore.train.data import DataError, data_warnings, load_rows
 
 RECORDS = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
 
@@ -102,3 +103,43 @@ def test_field_errors_name_row_and_field(tmp_path):
         missing.messages("messages")
     with pytest.raises(DataError, match=r"d.jsonl line 1: field 'messages' must be a string"):
         good.text("messages")
+
+
+def test_roles_are_normalised_or_refused_and_empty_messages_dropped(tmp_path):
+    messages = [{"role": "System", "content": "profile"}, {"role": "assistant", "content": "hi"},
+                {"role": " Assistant ", "content": "again"}, {"role": "user", "content": "  \n"},
+                {"role": "user", "content": "why?"}, {"role": "USER", "content": ""}]
+    _jsonl(tmp_path / "d.jsonl", [{"messages": messages}, RECORDS[0], {"messages": messages[:2]}])
+    rows = load_rows(str(tmp_path / "d.jsonl"))
+    # the same role twice in a row and a conversation starting with the assistant are kept as they are
+    assert rows[0].messages("messages") == messages  # as stored, for tools with roles of their own
+    assert rows[0].turns("messages") == [
+        {"role": "system", "content": "profile"}, {"role": "assistant", "content": "hi"},
+        {"role": "assistant", "content": "again"}, {"role": "user", "content": "why?"}]
+    assert len(rows[0].turns("messages", keep_empty=True)) == 6
+    rows[2].turns("messages")
+    path = tmp_path / "d.jsonl"
+    assert data_warnings(rows, "d.jsonl") == [
+        f"warning: d.jsonl: 4 role names written in another case or with spaces were read as system/user/assistant, "
+        f"in 2 records (first: {path} line 1, field 'messages', message 0: 'System')",
+        f"warning: d.jsonl: 2 messages with empty content were dropped, in 1 record "
+        f"(first: {path} line 1, field 'messages', message 3: user '  \\n')",
+    ]
+    assert data_warnings(rows[1:2], "d.jsonl") == []
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}], "message 1: unknown role 'robot' (expected one of system, user, assistant)"),
+    ([{"role": "user", "content": "hi"}, {"role": "system", "content": "new rules"}], "message 1: a system message after the first message"),
+])
+def test_unknown_roles_and_late_system_messages_are_refused(tmp_path, messages, error):
+    _jsonl(tmp_path / "d.jsonl", [RECORDS[0], {"messages": messages}])
+    with pytest.raises(DataError, match=rf"d.jsonl line 2: field 'messages', {re.escape(error)}"):
+        load_rows(str(tmp_path / "d.jsonl"))[1].turns("messages")
+
+
+def test_a_string_field_is_one_message_of_the_given_role(tmp_path):
+    _jsonl(tmp_path / "d.jsonl", [{"q": "hello", "a": " "}])
+    (row,) = load_rows(str(tmp_path / "d.jsonl"))
+    assert row.chat("q", "user") == [{"role": "user", "content": "hello"}]
+    assert row.chat("a", "assistant") == [] and row.chat("a", "assistant", keep_empty=True) == [{"role": "assistant", "content": " "}]

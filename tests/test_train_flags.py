@@ -41,7 +41,7 @@ OPENRLHF_DPO = """
 """.split()
 MAPPED_FIELDS = {"--use_liger_kernel", "--deepcompile"}  # config fields whose help says what they map to
 # Implemented flags the recipe turns down for now (another branch wires them): still one line, named.
-PENDING = {"--packing_samples", "--use_liger_kernel"}
+PENDING = {"--use_liger_kernel"}
 
 
 def _help(module) -> str:

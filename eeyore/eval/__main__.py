@@ -54,7 +54,10 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     g.add_argument("--concurrency", type=int, default=16, help="sessions run at once (default 16)")
     g.add_argument("--output-dir", default="runs/eval",
                    help="results go to OUTPUT_DIR/RUN_NAME/results.json, with a resumable cache beside it (default runs/eval)")
-    g.add_argument("--run-name", default=None, help="default: EXPERIMENT_MODEL")
+    g.add_argument("--run-name", default=None,
+                   help="the folder under OUTPUT_DIR (default: EXPERIMENT-NAME_EXPERIMENT-MODEL, every run of "
+                        "characters other than letters, digits, '.' and '-' in the model name replaced by one '-', "
+                        "e.g. eeyore_gpt-4o-2024-08-06 or patient-psi_org-model)")
     g = p.add_argument_group("authenticity")
     g.add_argument("--free-turns", type=int, default=0,
                    help="also hold a free conversation of this many client turns per profile with a counsellor LLM (default 0: off)")
@@ -95,8 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             mean = "n/a" if s["mean"] is None else f"{s['mean']:.2f} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]"
             print(f"adherence {cat:<10} {mean}  (n={s['n']}, missing={s['missing']})")
     for source in ("interview", "free"):
-        if source in results["authenticity"] and results["authenticity"][source]["score"] is not None:
-            print(f"authenticity ({source}): {results['authenticity'][source]['score']:.1f} / 100")
+        if source in results["authenticity"]:
+            score = results["authenticity"][source]["score"]
+            print(f"authenticity ({source}): " + ("n/a (no client turns)" if score is None else f"{score:.1f} / 100"))
+    realism = results.get("realism")
+    if realism is not None:
+        mean = "n/a" if realism["mean"] is None else f"{realism['mean']:.2f} [{realism['ci'][0]:.2f}, {realism['ci'][1]:.2f}]"
+        print(f"realism {mean}  (n={realism['n']}, missing={realism['missing']})")
     print(f"results: {cfg.run_dir / 'results.json'}")
     failed = results["sessions"]["failed"]
     if failed:

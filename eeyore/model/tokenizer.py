@@ -18,6 +18,7 @@ from typing import Any
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders
 
+from .lookup import resolve_hub_path
 from .tokenizer_formats import SpecialTokens, load_tokenizer_model
 
 
@@ -64,9 +65,7 @@ class Tokenizer:
         `chat_template.jinja` and `generation_config.json` beside it are read when present.
         """
         path = Path(path).expanduser()
-        if not path.exists():
-            from .weights import resolve_hub_path  # a hub id in the local HF cache, or a clear error
-
+        if not path.exists():  # a hub id in the local HF cache, or a clear error
             path = resolve_hub_path(str(path))
         directory = path if path.is_dir() else path.parent
         file = path if path.is_file() else next(

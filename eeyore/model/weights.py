@@ -1,4 +1,4 @@
-"""Finding checkpoints and moving weights in and out of safetensors files.
+"""Weights in and out of safetensors files (finding the checkpoint is `lookup.py`'s job).
 
 Weights only ever load from safetensors (never from pickles), one tensor at a time, straight
 into the requested dtype and device.
@@ -18,63 +18,6 @@ from .config import LlamaConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def eeyore_home() -> Path:
-    return Path(os.environ.get("EEYORE_HOME", Path.home() / ".cache" / "eeyore"))
-
-
-def default_model_dir() -> Path:
-    """Where `python -m eeyore.model.convert` puts the embedded demo model."""
-    return eeyore_home() / "models" / DEFAULT_MODEL_NAME
-
-
-def _hub_cache() -> Path:
-    if "HF_HUB_CACHE" in os.environ:
-        return Path(os.environ["HF_HUB_CACHE"])
-    hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return hf_home / "hub"
-
-
-def _hub_snapshot(repo_id: str, kind: str = "models") -> Path | None:
-    """The snapshot of `repo_id` in the local HF cache: the one `refs/main` names, else the newest."""
-    root = _hub_cache() / f"{kind}--{repo_id.replace('/', '--')}"
-    snapshots = root / "snapshots"
-    if not snapshots.is_dir():
-        return None
-    ref = root / "refs" / "main"
-    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
-        return snapshots / ref.read_text().strip()
-    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    return candidates[0] if candidates else None
-
-
-def resolve_hub_path(name_or_path: str | Path, kind: str = "models") -> Path:
-    """A local path as is, else a hub id (`ORG/NAME`) looked up in the local HF cache."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
-    if isinstance(name_or_path, str) and name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
-        snapshot = _hub_snapshot(name_or_path, kind)
-        if snapshot is not None:
-            return snapshot
-    raise FileNotFoundError(
-        f"{name_or_path!r} is neither a local path nor a {kind[:-1]} in the local Hugging Face cache "
-        f"({_hub_cache()}/{kind}--{str(name_or_path).replace('/', '--')}); this machine cannot download it"
-    )
-
-
-def resolve_model_dir(name_or_path: str | Path | None) -> Path:
-    """A checkpoint directory: a local dir, a hub id in the local HF cache, or None for the default model."""
-    if name_or_path is None:
-        from .convert import ensure_default_model  # converts the embedded GGUF once
-
-        return ensure_default_model()
-    path = resolve_hub_path(name_or_path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model checkpoint: it has no config.json")
-    return path
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

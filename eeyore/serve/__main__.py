@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from eeyore.model.weights import DEFAULT_MODEL_NAME
+from eeyore.model.lookup import DEFAULT_MODEL_NAME
 
 from eeyore.model.fastpath import add_arguments as add_fast_path_arguments
 

@@ -35,7 +35,7 @@ from eeyore.model import KVCache, Llama
 from eeyore.model.chat import ChatTemplate, TemplateError
 from eeyore.model.decode import DecodeStep, for_inference
 from eeyore.model.tokenizer import Tokenizer
-from eeyore.model.weights import resolve_model_dir
+from eeyore.model.pretrained import resolve_model_dir
 
 from . import offline
 from .memory import plan_cache

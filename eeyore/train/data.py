@@ -12,18 +12,32 @@
 
 Every row remembers where it came from, so a recipe can name the file, row and field of a
 malformed record (`DataError`).
+
+What `Row.turns` (training's reading of messages; `Row.messages` keeps them as stored) does with
+messages that are not plainly system / user / assistant:
+
+- a known role written in another case or with spaces (`Assistant`, ` user`) is read as that role,
+  and counted (`data_warnings` names how many and the first);
+- any other role (`robot`, `tool`) is refused, and so is a system message after the first message:
+  neither has one meaning for the chat templates we train with;
+- a message whose content is empty or only whitespace is dropped, and counted: it would train
+  the model to answer with nothing (recipes decide what an empty *response* means);
+- the same role twice in a row, and conversations that start with the assistant, are kept as
+  they are: the reference data has both.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from eeyore.model.lookup import hub_cache, resolve_hub_path
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 _SPLIT_WORDS = ("train", "test", "validation", "valid", "dev", "eval")
@@ -33,10 +47,20 @@ class DataError(ValueError):
     """A dataset that cannot be read, or a record that does not have the expected shape."""
 
 
+ROLES = ("system", "user", "assistant")
+# What reading messages changed, by kind: the text of the warning that counts them.
+NOTES = {
+    "role_case": "role names written in another case or with spaces were read as system/user/assistant",
+    "empty": "messages with empty content were dropped",
+}
+
+
 @dataclass
 class Row:
     record: dict[str, Any]
     where: str  # "path line 12" / "path row 7": for error messages
+    # (kind, field, message index) -> what was there; see NOTES
+    notes: dict[tuple[str, str, int], str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def field(self, key: str) -> Any:
         if key not in self.record:
@@ -44,7 +68,8 @@ class Row:
         return self.record[key]
 
     def messages(self, key: str) -> list[dict[str, str]]:
-        """`record[key]` checked to be a list of {"role": str, "content": str} messages."""
+        """`record[key]` checked to be a list of {"role": str, "content": str} messages, as stored
+        (data-building tools read conversations whose roles are their own)."""
         value = self.field(key)
         if not isinstance(value, list) or not value:
             raise DataError(f"{self.where}: field {key!r} must be a non-empty list of messages, got {_short(value)}")
@@ -55,11 +80,55 @@ class Row:
                 )
         return [{"role": m["role"], "content": m["content"]} for m in value]
 
+    def turns(self, key: str, keep_empty: bool = False) -> list[dict[str, str]]:
+        """`messages` read for training: roles normalised or refused (see the top of this file),
+        messages with empty content dropped unless `keep_empty`."""
+        out = [{"role": self._role(key, i, m["role"]), "content": m["content"]} for i, m in enumerate(self.messages(key))]
+        return out if keep_empty else self.drop_empty(key, out)
+
+    def chat(self, key: str, role: str, keep_empty: bool = False) -> list[dict[str, str]]:
+        """Field `key` as training messages: a message list (see `turns`), or a string as one `role` message."""
+        value = self.field(key)
+        if not isinstance(value, str):
+            return self.turns(key, keep_empty)
+        one = [{"role": role, "content": value}]
+        return one if keep_empty else self.drop_empty(key, one)
+
+    def _role(self, key: str, i: int, role: str) -> str:
+        name = role.strip().lower()
+        if name not in ROLES:
+            raise DataError(f"{self.where}: field {key!r}, message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if name == "system" and i > 0:
+            raise DataError(f"{self.where}: field {key!r}, message {i}: a system message after the first message")
+        if name != role:
+            self.notes[("role_case", key, i)] = repr(role)
+        return name
+
+    def drop_empty(self, key: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """`messages` of field `key` without those whose content is empty or whitespace (noted)."""
+        for i, m in enumerate(messages):
+            if not m["content"].strip():
+                self.notes[("empty", key, i)] = f"{m['role']} {m['content']!r}"
+        return [m for m in messages if m["content"].strip()]
+
     def text(self, key: str) -> str:
         value = self.field(key)
         if not isinstance(value, str):
             raise DataError(f"{self.where}: field {key!r} must be a string, got {_short(value)}")
         return value
+
+
+def data_warnings(rows: Sequence[Row], name: str) -> list[str]:
+    """One line per kind of change reading `rows` made: how many messages, in how many records, the first."""
+    lines = []
+    for kind, text in NOTES.items():
+        hits = [(row, key, detail) for row in rows for key, detail in row.notes.items() if key[0] == kind]
+        if hits:
+            row, (_, key, i), detail = hits[0]
+            records = len({id(r) for r, _, _ in hits})
+            lines.append(f"warning: {name}: {len(hits)} {text}, in {records} record{'s' * (records > 1)} "
+                         f"(first: {row.where}, field {key!r}, message {i}: {detail})")
+    return lines
 
 
 def _short(value: Any) -> str:
@@ -79,33 +148,13 @@ def load_rows(spec: str, split: str = "train", max_samples: int | None = None) -
 
 
 def _locate(spec: str) -> Path:
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    cached = _hub_snapshot(spec)
-    if cached is not None:
-        return cached
-    raise FileNotFoundError(
-        f"dataset {spec!r}: no such file or folder, and no snapshot of a hub dataset of that name in "
-        f"{_hub_cache()} (this machine is offline: download it elsewhere and pass its folder)"
-    )
-
-
-def _hub_cache() -> Path:
-    if "HF_HUB_CACHE" in os.environ:
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-
-
-def _hub_snapshot(repo_id: str) -> Path | None:
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
-        return None
-    repo = _hub_cache() / ("datasets--" + repo_id.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
-        return repo / "snapshots" / ref.read_text().strip()
-    snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
-    return snapshots[-1] if snapshots else None
+    try:
+        return resolve_hub_path(spec, "datasets")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"dataset {spec!r}: no such file or folder, and no snapshot of a hub dataset of that name in "
+            f"{hub_cache()} (this machine is offline: download it elsewhere and pass its folder)"
+        ) from None
 
 
 def _files(path: Path, split: str) -> list[Path]:

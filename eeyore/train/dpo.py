@@ -34,23 +34,25 @@ from tqdm import tqdm
 
 from eeyore.model.chat import ChatTemplate
 from eeyore.model.tokenizer import Tokenizer
-from eeyore.model.weights import resolve_model_dir
 from eeyore.model.fastpath import speed_up
+from eeyore.model.pretrained import resolve_model_dir
 
 from .config import TrainConfig, flag, recipe_default
-from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs
+from .data import data_warnings
+from .dpo_data import PairBatch, PreferenceFormat, PreferencePair, build_pairs, collate_pairs, collate_pairs_packed
 from .dpo_loss import DPOLossConfig, preference_loss, response_logps
 from .flags import parse_config, refuse
 from .lora import adapters_disabled
 from .mixing import load_mixture
-from .parallel import Dist, close_distributed, load_sharded, reshard
+from .packing import model_inputs
+from .parallel import Dist, launch, load_sharded, reshard
 from .trainer import Trainer, lora_spec, start_run
 
 
 def sequence_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and token-mean response log-probs of every row of the batch (one forward)."""
-    hidden = model.hidden_states(batch.input_ids)
-    return response_logps(hidden, model.lm_head.weight, batch.input_ids, batch.response_mask)
+    hidden = model.hidden_states(batch.input_ids, **model_inputs(batch.packed))
+    return response_logps(hidden, model.lm_head.weight, batch.input_ids, batch.response_mask, batch.packed)
 
 
 class DPORecipe:
@@ -60,11 +62,13 @@ class DPORecipe:
     `base_is_reference`, from the LoRA policy itself with its adapters off.
     """
 
-    def __init__(self, config: DPOLossConfig, pad_id: int, reference: nn.Module | None = None, base_is_reference: bool = False) -> None:
+    def __init__(self, config: DPOLossConfig, pad_id: int, reference: nn.Module | None = None, base_is_reference: bool = False,
+                 packing: bool = False) -> None:
         self.config, self.pad_id, self.reference, self.base_is_reference = config, pad_id, reference, base_is_reference
+        self.packing = packing
 
     def collate(self, pairs: list[PreferencePair]) -> PairBatch:
-        batch = collate_pairs(pairs, self.pad_id)
+        batch = collate_pairs_packed(pairs) if self.packing else collate_pairs(pairs, self.pad_id)
         if batch.ref_logps is None and self.reference is None and not self.base_is_reference:
             raise ValueError("no reference log-probs: precompute them (--ref_offload) or give the recipe a reference model")
         return batch
@@ -150,8 +154,11 @@ def train(args: "DPOConfig", d: Dist) -> None:
         rows = load_mixture(spec, probs, split, args.max_samples, args.seed)
         pairs[name], dropped = build_pairs(rows, tokenizer, fmt, args.max_len, template, d.is_main)
         if d.is_main:
-            print(f"{name}: {len(pairs[name])} preference pairs from {spec} ({split}); {dropped} dropped: "
-                  f"prompt of >= max_len - 2 = {args.max_len - 2} tokens")
+            print(f"{name}: {len(pairs[name])} preference pairs from {spec} ({split}); dropped {dropped['too_long']} "
+                  f"whose prompt has >= max_len - 2 = {args.max_len - 2} tokens and {dropped['empty_response']} "
+                  f"with an empty chosen or rejected response")
+            for line in data_warnings(rows, spec):
+                print(line)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_ids[0]
     every_pair = [p for split_pairs in pairs.values() for p in split_pairs]
 
@@ -173,7 +180,7 @@ def train(args: "DPOConfig", d: Dist) -> None:
     if not args.ref_offload and not base_is_reference:
         reference = load_reference(args, d)
 
-    recipe = DPORecipe(loss_config(args), pad_id, reference, base_is_reference)
+    recipe = DPORecipe(loss_config(args), pad_id, reference, base_is_reference, args.packing_samples)
     Trainer(args, d, model, tokenizer, recipe, pairs["train"], pairs.get("eval")).fit()
 
 
@@ -220,11 +227,8 @@ def loss_config(args: Any) -> DPOLossConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    d = start_run(args)
-    try:
+    with launch(lambda: start_run(args)) as d:
         train(args, d)
-    finally:
-        close_distributed()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Preference records -> token ids -> concatenated chosen/rejected batches (DESIGN §5).
+"""Preference records -> token ids -> concatenated chosen/rejected batches.
 
 A record holds a prompt and two responses, in one of three shapes:
   - `prompt` as a message list, `chosen` / `rejected` as message lists (usually one assistant
@@ -14,7 +14,9 @@ end token appended when it does not already end with one. We tokenize prompt and
 separately and concatenate, so the prompt tokens are exactly those the model sees at generation
 time (and the response boundary never depends on a merge across it). Sequences are cut to
 `max_len` with the last kept token forced to the end token; records whose prompt alone has
->= max_len - 2 tokens are dropped and counted.
+>= max_len - 2 tokens are dropped and counted, and so are records whose chosen or rejected
+response is empty. Messages are read as `data.Row.messages` reads them (roles normalised or
+refused, empty prompt messages dropped and counted).
 
 The end token is the template's end of turn when that is one of the tokenizer's eos ids
 (`<|eot_id|>`, ChatML's `<|im_end|>`), else the tokenizer's eos. OpenRLHF always uses the
@@ -23,6 +25,7 @@ tokenizer's eos, so with a base-model tokenizer (eos `<|end_of_text|>`) it appen
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,6 +36,7 @@ from eeyore.model.chat import ChatTemplate, TemplateError
 from eeyore.model.tokenizer import Tokenizer
 
 from .data import DataError, Row
+from .packing import PackedLayout, pack
 
 
 @dataclass
@@ -66,10 +70,11 @@ class PairBatch:
     response_mask: torch.Tensor  # [2B, T] bool
     lengths: torch.Tensor  # [2B] real tokens per row; the rest is padding
     ref_logps: torch.Tensor | None = None  # [2B] precomputed reference log-probs, same row order
+    packed: PackedLayout | None = None  # --packing_samples: the 2B sequences lie in one row [1, S]
 
     @property
     def pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
+        return self.lengths.shape[0] // 2
 
     @property
     def tokens(self) -> int:
@@ -78,22 +83,21 @@ class PairBatch:
 
     def to(self, device: torch.device | str) -> "PairBatch":
         ref = None if self.ref_logps is None else self.ref_logps.to(device)
-        return PairBatch(self.input_ids.to(device), self.response_mask.to(device), self.lengths.to(device), ref)
-
-
-def _messages(row: Row, key: str) -> list[dict[str, str]]:
-    """A message list; a plain string is one assistant message (a response given as text)."""
-    value = row.field(key)
-    return [{"role": "assistant", "content": value}] if isinstance(value, str) else row.messages(key)
+        packed = None if self.packed is None else self.packed.to(device)
+        return PairBatch(self.input_ids.to(device), self.response_mask.to(device), self.lengths.to(device), ref, packed)
 
 
 def split_messages(row: Row, fmt: PreferenceFormat) -> tuple[list[dict], list[dict], list[dict]]:
-    """(prompt, chosen, rejected) message lists of a chat-format record."""
-    chosen, rejected = _messages(row, fmt.chosen_key), _messages(row, fmt.rejected_key)
+    """(prompt, chosen, rejected) message lists of a chat-format record.
+
+    Empty prompt messages are dropped (and noted, as in SFT); the responses keep theirs, so that
+    `record_texts` can tell an empty response from a missing one.
+    """
+    # a plain string is one message: the user's prompt, the assistant's response
+    chosen = row.chat(fmt.chosen_key, "assistant", keep_empty=True)
+    rejected = row.chat(fmt.rejected_key, "assistant", keep_empty=True)
     if fmt.prompt_key is not None:
-        if isinstance(row.field(fmt.prompt_key), str):
-            return [{"role": "user", "content": row.field(fmt.prompt_key)}], chosen, rejected
-        return row.messages(fmt.prompt_key), chosen, rejected
+        return row.chat(fmt.prompt_key, "user"), chosen, rejected
     # whole conversations: everything but the last message must be the same on both sides
     if len(chosen) < 2 or len(rejected) < 2:
         raise DataError(
@@ -106,14 +110,24 @@ def split_messages(row: Row, fmt: PreferenceFormat) -> tuple[list[dict], list[di
             f"{row.where}: {fmt.chosen_key!r} and {fmt.rejected_key!r} do not share the prompt: they differ at "
             f"message {diff}, but all messages except the last must be identical"
         )
-    return chosen[:-1], chosen[-1:], rejected[-1:]
+    return row.drop_empty(fmt.chosen_key, chosen[:-1]), chosen[-1:], rejected[-1:]
 
 
-def record_texts(row: Row, fmt: PreferenceFormat, template: ChatTemplate | None) -> tuple[str, str, str]:
-    """(prompt text, chosen response text, rejected response text) of one record."""
+def _is_empty(response: str | list[dict[str, str]]) -> bool:
+    if isinstance(response, str):
+        return not response.strip()
+    return not any(m["content"].strip() for m in response)
+
+
+def record_texts(row: Row, fmt: PreferenceFormat, template: ChatTemplate | None) -> tuple[str, str, str] | None:
+    """(prompt text, chosen response text, rejected response text) of one record; None when a
+    response is empty (a preference between nothing and something teaches nothing we want)."""
     if fmt.apply_chat_template:
         assert template is not None
         prompt, chosen, rejected = split_messages(row, fmt)
+        if _is_empty(chosen) or _is_empty(rejected):
+            return None
+        chosen, rejected = row.drop_empty(fmt.chosen_key, chosen), row.drop_empty(fmt.rejected_key, rejected)
         try:
             prompt_text = template.render(prompt, add_generation_prompt=True)
             responses = []
@@ -135,6 +149,8 @@ def record_texts(row: Row, fmt: PreferenceFormat, template: ChatTemplate | None)
                 f"{row.where}: field {key!r} must be a string without --apply_chat_template "
                 f"(message lists need --apply_chat_template)"
             )
+    if _is_empty(row.record[fmt.chosen_key]) or _is_empty(row.record[fmt.rejected_key]):
+        return None
     prompt = row.record[fmt.prompt_key] if fmt.prompt_key else ""
     if fmt.input_template and fmt.prompt_key:
         prompt = fmt.input_template.format(prompt)
@@ -179,16 +195,17 @@ def build_pairs(
     template: ChatTemplate | None = None,
     show: bool = True,
 ) -> tuple[list[PreferencePair], int]:
-    """Tokenize every record: (pairs, number dropped for an over-long prompt)."""
+    """Tokenize every record: (pairs, how many were dropped and why: "too_long" for a prompt that
+    leaves no room for a response, "empty_response")."""
     if fmt.apply_chat_template and template is None:
         template = ChatTemplate.for_tokenizer(tokenizer)
     eos_id = end_of_turn_id(tokenizer, template if fmt.apply_chat_template else None)
-    pairs, dropped = [], 0
+    pairs, dropped = [], Counter()
     for row in tqdm(rows, desc="tokenizing preference pairs", unit="pair", disable=not show):
         texts = record_texts(row, fmt, template)
-        pair = tokenize_pair(tokenizer, *texts, max_len=max_len, eos_id=eos_id)
+        pair = None if texts is None else tokenize_pair(tokenizer, *texts, max_len=max_len, eos_id=eos_id)
         if pair is None:
-            dropped += 1
+            dropped["too_long" if texts is not None else "empty_response"] += 1
         else:
             pairs.append(pair)
     return pairs, dropped
@@ -208,7 +225,23 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> PairBatch:
     for b, (row, start) in enumerate(zip(rows, prompt_lens)):
         input_ids[b, : len(row)] = torch.tensor(row)
         response_mask[b, start : len(row)] = True
-    ref = None
-    if all(p.ref_logps is not None for p in pairs):
-        ref = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs], dtype=torch.float32)
-    return PairBatch(input_ids, response_mask, torch.tensor([len(r) for r in rows]), ref)
+    return PairBatch(input_ids, response_mask, torch.tensor([len(r) for r in rows]), _ref_logps(pairs))
+
+
+def collate_pairs_packed(pairs: list[PreferencePair]) -> PairBatch:
+    """`--packing_samples`: chosen then rejected sequences end to end in one row (`packing.py`).
+
+    A sequence's first token is never scored (nothing of its own sequence precedes it), as
+    position 0 of a padded row.
+    """
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    starts = [max(p.prompt_len, 1) for p in pairs] * 2
+    mask = pack([[False] * start + [True] * (len(row) - start) for row, start in zip(rows, starts)])
+    lengths = [len(r) for r in rows]
+    return PairBatch(pack(rows), mask, torch.tensor(lengths), _ref_logps(pairs), PackedLayout.of(lengths))
+
+
+def _ref_logps(pairs: list[PreferencePair]) -> torch.Tensor | None:
+    if not all(p.ref_logps is not None for p in pairs):
+        return None
+    return torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs], dtype=torch.float32)

@@ -21,13 +21,16 @@ import importlib.util
 import os
 from typing import Any, Sequence
 
+import torch
+
 from eeyore.model.fastpath import triton_kernels
 
 from .config import PROJECTIONS, ALL_LINEAR, from_namespace
+from .packing import flash_attn_warning
 
 # Flags with no switch of their own here: (type, default, what happens instead).
 MAPPED: dict[str, tuple[type, Any, str]] = {
-    "--flash_attn": (bool, False, "mapped: attention always runs PyTorch's fused scaled_dot_product_attention (flash kernels on CUDA)"),
+    "--flash_attn": (bool, False, "mapped: packed rows (--packing_samples) on CUDA run flash-attn's variable-length kernel whenever flash-attn is installed, padded rows PyTorch's fused attention (its own flash kernel on CUDA); warns when flash-attn cannot run"),
     "--overlap_comm": (bool, False, "mapped: FSDP2 always overlaps the gradient reduce-scatter with backward"),
     "--use_ds_universal_ckpt": (bool, False, "mapped: checkpoints are torch.distributed.checkpoint files, which any world size can load"),
     "--disable_fast_tokenizer": (bool, False, "mapped: accepted; there is one tokenizer implementation (the `tokenizers` library's)"),
@@ -98,6 +101,11 @@ def parse_config(cls: type, argv: Sequence[str] | None, prog: str, description: 
         cfg.dataset_split = cfg.train_split
     if cfg.use_liger_kernel:
         cfg.kernels = "on"
+    if ns.flash_attn and os.environ.get("RANK", "0") == "0":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        note = flash_attn_warning(device, cfg.packing_samples)
+        if note:
+            print(f"warning: {note}")
     check(cfg, prog)
     return cfg
 
@@ -121,7 +129,5 @@ def check(cfg: Any, prog: str) -> None:
         refuse(prog, "--lora_rank/--lora_dropout", "the rank must be >= 0 and the dropout in [0, 1)")
     if cfg.use_tensorboard and importlib.util.find_spec("tensorboard") is None:
         refuse(prog, "--use_tensorboard", "needs the tensorboard package (pip install tensorboard)")
-    if cfg.packing_samples:  # the packing work replaces this refusal with the packed collate and loss
-        refuse(prog, "--packing_samples", "sequence packing is not available in this build yet")
     if cfg.kernels == "on" and triton_kernels() is None:
         refuse(prog, "--kernels on" if not cfg.use_liger_kernel else "--use_liger_kernel", "the Triton kernels need triton: pip install triton")

@@ -11,6 +11,9 @@ only one `[rows, V]` block is ever alive, and two more savings come for free:
   softmax minus the one-hot target), so backward does not recompute them: the head costs the
   same three matmuls as the naive loss, minus the ignored rows.
 
+On CUDA the summed loss is the Triton kernel `kernels.linear_cross_entropy` (same slicing, the
+softmax and its gradient fused into one pass over each row; `use_kernels` selects).
+
 `token_logprobs` is the variant for losses that weigh tokens after the fact (DPO sums log-probs
 per sequence and feeds them through a sigmoid): its backward recomputes each slice, because the
 per-token weights are only known then.
@@ -20,7 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import kernels
 from eeyore.model.linear import linear
+from kernels.linear_cross_entropy import add_outer_fp32
 
 IGNORE_INDEX = -100
 _BLOCK_BYTES = 256 * 2**20  # fp32 logits per slice: 512 rows at V = 128256
@@ -99,19 +104,29 @@ def _backprop_block(grad_logits: Tensor, h: Tensor, weight: Tensor, idx: Tensor,
     if grad_h is not None:
         grad_h.index_copy_(0, idx, linear(g, weight.t()))
     if grad_w is not None:
-        _add_outer(grad_w, g, h)
-
-
-def _add_outer(grad_w: Tensor, g: Tensor, h: Tensor) -> None:
-    """grad_w (fp32) += g.T @ h, without a temporary when the inputs are fp32 too."""
-    if g.dtype == grad_w.dtype:
-        grad_w.addmm_(g.t(), h)
-    else:
-        grad_w += (g.t() @ h).float()
+        add_outer_fp32(grad_w, g, h)  # no [V, H] fp32 temporary per slice on CUDA
 
 
 def _targeted(targets: Tensor) -> Tensor:
     return (targets != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def use_kernels(mode: str) -> None:
+    """Which summed loss `cross_entropy_sum` runs: "auto" (the Triton `linear_cross_entropy` for
+    CUDA tensors when triton imports, this module's slices otherwise), "on" or "off"."""
+    global _KERNELS
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"kernels mode must be auto, on or off, not {mode!r}")
+    _KERNELS = mode
+
+
+_KERNELS = "auto"
+
+
+def _fused(hidden: Tensor) -> bool:
+    if _KERNELS == "auto":
+        return hidden.is_cuda and kernels.AVAILABLE
+    return _KERNELS == "on"
 
 
 def cross_entropy_sum(
@@ -123,6 +138,8 @@ def cross_entropy_sum(
     IGNORE_INDEX where no loss is taken. Returns (fp32 scalar sum, int64 scalar count).
     """
     hidden, targets = _flatten(hidden, targets)
+    if _fused(hidden):
+        return kernels.linear_cross_entropy(hidden, weight, targets, IGNORE_INDEX, "sum"), (targets != IGNORE_INDEX).sum()
     keep = _targeted(targets)
     rows = rows_per_block or _rows_per_block(weight.shape[0])
     total = _CrossEntropySum.apply(hidden, weight, targets, keep, rows)

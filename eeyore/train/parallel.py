@@ -19,11 +19,14 @@ parameters gathered until backward).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
-import json
 import os
+import sys
+import time
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,8 +35,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 
-from eeyore.model import Llama, LlamaConfig
-from eeyore.model.weights import load_state_dict, resolve_model_dir
+from eeyore.model import Llama
+from eeyore.model.pretrained import load_pretrained, resolve_model_dir
 
 from .lora import LoRASpec, add_adapters, initial_adapters
 
@@ -52,11 +55,38 @@ class Dist:
         dist.barrier()
 
 
+class DeviceError(RuntimeError):
+    """The machine has GPUs this process cannot use: stop rather than train on the CPU unnoticed."""
+
+
+def _gpu_present() -> bool:
+    """An NVIDIA driver is loaded and the user did not hide every GPU (CUDA_VISIBLE_DEVICES="" or -1)."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")
+    return torch.version.cuda is not None and os.path.exists("/dev/nvidiactl") and not hidden
+
+
+def training_device(local_rank: int) -> torch.device:
+    """This process's device: GPU `LOCAL_RANK` when CUDA works, the CPU when there is no GPU at all."""
+    if not torch.cuda.is_available():
+        if _gpu_present():
+            raise DeviceError(
+                "a GPU is installed but torch cannot use CUDA (driver, toolkit or torch build mismatch: see "
+                "`python -c 'import torch; torch.cuda.init()'`); set CUDA_VISIBLE_DEVICES= to train on the CPU"
+            )
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DeviceError(
+            f"LOCAL_RANK={local_rank} but this node has {count} visible GPU(s): start at most {count} processes "
+            "per node (torchrun --nproc_per_node) or check CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed() -> Dist:
     """Join the torchrun world (NCCL on CUDA, gloo on CPU), or make a world of one."""
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = training_device(int(os.environ.get("LOCAL_RANK", 0)))
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -76,6 +106,46 @@ def close_distributed() -> None:
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Errors a user can act on (bad data, flags, paths, a checkpoint that does not fit): one line each.
+# Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+TRACEBACK_ENV = "EEYORE_TRACEBACK"  # set to 1 to see the traceback of a user error too
+OTHER_RANKS_REPORT_AFTER_S = 5.0
+
+
+@contextlib.contextmanager
+def launch(start: Callable[[], Dist] = init_distributed) -> Iterator[Dist]:
+    """The process group of one training run, as `with launch(start) as d: ...` in a recipe's
+    `main()`; `start()` joins it (the trainer's `start_run` also seeds and sets determinism).
+
+    A user error (`USER_ERRORS`) ends the process with one line on stderr and exit status 1
+    instead of a traceback. Every rank usually meets the same error (each reads the same data and
+    flags), so rank 0 alone reports it; another rank reports only if it is still alive a few
+    seconds later, i.e. when rank 0 did not fail too (torchrun stops the other ranks as soon as
+    one exits with an error).
+    """
+    try:
+        d = start()
+    except (*USER_ERRORS, DeviceError) as exc:  # before the group exists: each rank says its own
+        _exit_with_one_line(exc, int(os.environ.get("RANK", "0")))
+    try:
+        yield d
+    except USER_ERRORS as exc:
+        if not d.is_main:
+            time.sleep(OTHER_RANKS_REPORT_AFTER_S)
+        _exit_with_one_line(exc, d.rank)
+    finally:
+        close_distributed()
+
+
+def _exit_with_one_line(exc: BaseException, rank: int) -> None:
+    if os.environ.get(TRACEBACK_ENV) == "1":
+        raise exc
+    prefix = "" if rank == 0 else f"rank {rank}: "
+    print(f"{prefix}error: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 def data_parallel_mesh(d: Dist, zero_stage: int) -> DeviceMesh:
@@ -118,33 +188,27 @@ def load_sharded(
 ) -> Llama:
     """The checkpoint at `name_or_path` (None: the default model) as an FSDP2 model.
 
-    Its shards are kept in `store_dtype`: fp32 master weights for a model that trains; a frozen
-    model that computes in bf16 anyway (the DPO reference under `--bf16`) can keep bf16 shards,
-    which gives the same outputs at half the memory. With `lora` the base is frozen and adapters
-    (initialised on rank 0, like the weights) are added before sharding; `cpu_offload` keeps the
-    shards on the CPU (`--adam_offload`).
+    The one checkpoint loader (`eeyore.model.pretrained`) with a placing step: rank 0 alone reads
+    the weights, and they are broadcast into the shards. Shards are kept in `store_dtype`: fp32
+    master weights for a model that trains; a frozen model that computes in bf16 anyway (the DPO
+    reference under `--bf16`) can keep bf16 shards, which gives the same outputs at half the memory.
+    With `lora` the base is frozen and adapters (initialised on rank 0, like the weights) are added
+    before sharding; `cpu_offload` keeps the shards on the CPU (`--adam_offload`).
     """
     if d.is_main:  # may convert the default model on first use: once, before the others look
         resolve_model_dir(name_or_path)
     d.barrier()
-    model_dir = resolve_model_dir(name_or_path)
-    config = LlamaConfig.from_file(model_dir)
-    with torch.device("meta"):
-        model = Llama(config).to(store_dtype)
-    if lora is not None:
-        add_adapters(model, lora)
-    shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing, cpu_offload)
-    model.to_empty(device="cpu" if cpu_offload else d.device)
-    full = load_state_dict(model_dir, store_dtype) if d.is_main else {}
-    if d.is_main and config.tie_word_embeddings:
-        full["lm_head.weight"] = full["model.embed_tokens.weight"]
-    if d.is_main and lora is not None:
-        full.update({k: v.to(store_dtype) for k, v in initial_adapters(model, lora).items()})
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    gen = model_dir / "generation_config.json"
-    model.generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
-    model.name_or_path = str(model_dir)
-    return model
+
+    def distribute(model: Llama, full: dict[str, torch.Tensor]) -> None:
+        if lora is not None:
+            add_adapters(model, lora)
+        shard_model(model, data_parallel_mesh(d, zero_stage), zero_stage, bf16, gradient_checkpointing, cpu_offload)
+        model.to_empty(device="cpu" if cpu_offload else d.device)
+        if d.is_main and lora is not None:
+            full.update({k: v.to(store_dtype) for k, v in initial_adapters(model, lora).items()})
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+    return load_pretrained(Llama, name_or_path, store_dtype, "cpu", distribute=distribute, read=d.is_main)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -30,11 +30,12 @@ from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.fastpath import speed_up
 
 from .config import TrainConfig, flag, recipe_default
-from .data import DataError, Row
+from .data import DataError, Row, data_warnings
 from .flags import parse_config, refuse
 from .loss import IGNORE_INDEX, cross_entropy_sum
+from .packing import PackedLayout, model_inputs, pack
 from .mixing import load_mixture
-from .parallel import close_distributed, load_sharded
+from .parallel import launch, load_sharded
 from .trainer import Trainer, lora_spec, start_run
 
 
@@ -60,23 +61,22 @@ class SFTExample:
 
 @dataclass
 class SFTBatch:
-    input_ids: torch.Tensor  # [B, T] right-padded
-    targets: torch.Tensor  # [B, T] the token each position must predict, IGNORE_INDEX where none
+    input_ids: torch.Tensor  # [B, T] right-padded, or [1, S] packed
+    targets: torch.Tensor  # same shape: the token each position must predict, IGNORE_INDEX where none
     tokens: int  # real tokens, for throughput
+    packed: PackedLayout | None = None  # where the sequences of a packed row lie
 
     def to(self, device: torch.device | str) -> "SFTBatch":
-        return SFTBatch(self.input_ids.to(device), self.targets.to(device), self.tokens)
+        packed = None if self.packed is None else self.packed.to(device)
+        return SFTBatch(self.input_ids.to(device), self.targets.to(device), self.tokens, packed)
 
 
 def _conversation(row: Row, fmt: SFTFormat) -> tuple[list[dict[str, str]], int]:
     """The messages of a chat record and how many of them form the prompt of `--output_key`."""
-    value = row.field(fmt.input_key)
-    prompt = [{"role": "user", "content": value}] if isinstance(value, str) else row.messages(fmt.input_key)
+    prompt = row.chat(fmt.input_key, "user")
     if fmt.output_key is None:
         return prompt, 0
-    value = row.field(fmt.output_key)
-    response = [{"role": "assistant", "content": value}] if isinstance(value, str) else row.messages(fmt.output_key)
-    return prompt + response, len(prompt)
+    return prompt + row.chat(fmt.output_key, "assistant"), len(prompt)
 
 
 def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
@@ -96,7 +96,8 @@ def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -
     return ids[: spans[-1][1]], spans
 
 
-def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]]:
+def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """Ids and trained spans of a plain-text record; None for an empty response."""
     if fmt.output_key is None and fmt.pretrain_mode:  # one text, all of it trained
         ids = tok.encode(row.text(fmt.input_key).rstrip("\n"))
         return ids + [tok.eos_ids[0]] * (not ids or ids[-1] != tok.eos_ids[0]), [(0, len(ids) + 1)]
@@ -104,17 +105,20 @@ def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], l
         raise DataError(f"{row.where}: plain-text records need --output_key (or use --apply_chat_template for messages)")
     text = row.text(fmt.input_key)
     prompt = tok.encode(fmt.input_template.format(text) if fmt.input_template else text)
-    response = tok.encode(row.text(fmt.output_key).rstrip("\n"))
+    response_text = row.text(fmt.output_key)
+    if not response_text.strip():
+        return None
+    response = tok.encode(response_text.rstrip("\n"))
     if not response or response[-1] != tok.eos_ids[0]:
         response.append(tok.eos_ids[0])
     return prompt + response, [(len(prompt), len(prompt) + len(response))]
 
 
 def make_example(row: Row, tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat) -> SFTExample | str:
-    """The example of one record, or why it is left out ("no_assistant" / "too_long")."""
+    """The example of one record, or why it is left out ("no_assistant" / "empty_response" / "too_long")."""
     made = _chat_tokens(row, tok, chat, fmt) if chat is not None else _text_tokens(row, tok, fmt)
     if made is None:
-        return "no_assistant"
+        return "no_assistant" if chat is not None else "empty_response"
     ids, spans = made
     if fmt.pretrain_mode:
         spans = [(0, len(ids))]
@@ -156,19 +160,27 @@ def collate(examples: Sequence[SFTExample], pad_id: int) -> SFTBatch:
     return SFTBatch(input_ids, targets, sum(len(e.input_ids) for e in examples))
 
 
+def collate_packed(examples: Sequence[SFTExample]) -> SFTBatch:
+    """`--packing_samples`: every example in one row (`packing.py`); the targets are `collate`'s,
+    and each example's last token predicts nothing, so no target crosses into the next example."""
+    input_ids = pack([e.input_ids for e in examples])
+    targets = pack([e.labels[1:] + [IGNORE_INDEX] for e in examples])
+    return SFTBatch(input_ids, targets, input_ids.shape[1], PackedLayout.of([len(e.input_ids) for e in examples]))
+
+
 def sft_loss(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean NLL over the micro-batch's target tokens; logits exist only one row slice at a time."""
-    hidden = model.hidden_states(batch.input_ids)
+    hidden = model.hidden_states(batch.input_ids, **model_inputs(batch.packed))
     total, count = cross_entropy_sum(hidden, model.lm_head.weight, batch.targets)
     return total / count.clamp(min=1), {}
 
 
 class SFTRecipe:
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, packing: bool = False) -> None:
+        self.pad_id, self.packing = pad_id, packing
 
     def collate(self, examples: list[SFTExample]) -> SFTBatch:
-        return collate(examples, self.pad_id)
+        return collate_packed(examples) if self.packing else collate(examples, self.pad_id)
 
     def loss(self, model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return sft_loss(model, batch)
@@ -209,18 +221,20 @@ def _load(specs: str, split: str, probs: str | None, cfg: SFTConfig, tok: Tokeni
     fmt = cfg.data_format()
     examples, counts = build_examples(rows, tok, chat, fmt, specs, show)
     if show:
+        empty = f", {counts['empty_response']} with an empty response" if counts["empty_response"] else ""
         print(
             f"{specs} [{split}]: {len(examples)} examples from {len(rows)} records; dropped "
-            f"{counts['too_long']} whose prompt has >= max_len-2 = {fmt.max_len - 2} tokens and "
-            f"{counts['no_assistant']} without an assistant turn; cut to max_len: {counts['truncated']}"
+            f"{counts['too_long']} whose prompt has >= max_len-2 = {fmt.max_len - 2} tokens{empty} and "
+            f"{counts['no_assistant']} without a non-empty assistant turn; cut to max_len: {counts['truncated']}"
         )
+        for line in data_warnings(rows, specs):
+            print(line)
     return examples
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
-    d = start_run(cfg)
-    try:
+    with launch(lambda: start_run(cfg)) as d:
         model = load_sharded(cfg.pretrain, d, cfg.zero_stage, cfg.bf16, cfg.gradient_checkpointing, lora=lora_spec(cfg), cpu_offload=cfg.adam_offload)
         speed_up(model, cfg.kernels, cfg.cpu_matmul)
         tok = Tokenizer.from_pretrained(model.name_or_path)
@@ -231,9 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         train = _load(cfg.dataset, cfg.dataset_split, cfg.dataset_probs, cfg, tok, chat, d.is_main)
         evals = _load(cfg.eval_dataset, cfg.eval_split, None, cfg, tok, chat, d.is_main) if cfg.eval_dataset else None
         pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]
-        Trainer(cfg, d, model, tok, SFTRecipe(pad_id), train, evals).fit()
-    finally:
-        close_distributed()
+        Trainer(cfg, d, model, tok, SFTRecipe(pad_id, cfg.packing_samples), train, evals).fit()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ callable to `STEP_END_CALLBACKS`; each is called with the trainer after every op
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
@@ -49,6 +52,7 @@ from eeyore.model.weights import save_checkpoint
 
 from . import checkpoint
 from .logs import RunLog
+from .loss import use_kernels
 from .lora import LoRASpec, save_adapter, split_merged
 from .optim import build_optimizer, clip_grad_norm, lr_factor
 from .parallel import Dist, full_state_dict, init_distributed, reshard
@@ -75,6 +79,7 @@ def start_run(config: Any) -> Dist:
         torch.use_deterministic_algorithms(True)
     d = init_distributed()
     torch.manual_seed(config.seed)
+    use_kernels(config.kernels)  # the fused Triton loss under --kernels on (auto: on CUDA)
     return d
 
 
@@ -192,7 +197,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            self._gradient_sync(i == len(micro_batches) - 1)
             loss, metrics = self.recipe.loss(self.model, batch.to(self.d.device))
             (loss / len(micro_batches)).backward()
             for k, v in {"loss": loss.detach(), **metrics}.items():
@@ -205,6 +211,15 @@ class Trainer:
         means = _mean_over_ranks({**sums, "tokens": torch.tensor(float(tokens))}, len(micro_batches), self.d.device)
         total_tokens = means.pop("tokens") * len(micro_batches) * self.d.world_size
         return {**means, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": total_tokens / (time.perf_counter() - start)}
+
+    def _gradient_sync(self, on: bool) -> None:
+        """Reduce gradients across ranks only in the step's last backward (fewer collectives).
+
+        Not under ZeRO-3: skipping keeps every rank's unsharded fp32 gradients until the last
+        micro-batch, the memory that stage exists to save.
+        """
+        if isinstance(self.model, FSDPModule) and self.config.zero_stage < 3:
+            self.model.set_requires_gradient_sync(on)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -226,12 +241,22 @@ class Trainer:
 
     # -- checkpoints and the final model -------------------------------------------------------
 
+    @functools.cached_property
+    def run_facts(self) -> dict[str, Any]:
+        """What decides this run's loss curve: a checkpoint must share it to be resumed (checkpoint.check_run)."""
+        cfg = self.config
+        return {
+            "train_examples": len(self.train), "train_data": checkpoint.data_digest(self.train),
+            "train_batch_size": cfg.train_batch_size, "seed": cfg.seed, "max_epochs": cfg.max_epochs,
+            "total_steps": self.total_steps, "warmup_steps": math.ceil(self.total_steps * cfg.lr_warmup_ratio),
+            "lr_scheduler": cfg.lr_scheduler, "min_lr_ratio": cfg.min_lr_ratio, "learning_rate": cfg.learning_rate,
+        }
+
     def _trainer_state(self) -> dict[str, Any]:
         recipe_state = self.recipe.state_dict() if hasattr(self.recipe, "state_dict") else {}
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "scheduler": self.scheduler.state_dict(), "recipe": recipe_state,
-            "train_examples": len(self.train), "train_batch_size": self.config.train_batch_size, "seed": self.config.seed,
+            "scheduler": self.scheduler.state_dict(), "recipe": recipe_state, **self.run_facts,
         }
 
     def _save_checkpoint(self) -> None:
@@ -242,16 +267,12 @@ class Trainer:
             self.save_model(Path(cfg.ckpt_path) / f"global_step{self.step}_hf")
 
     def _resume(self) -> None:
-        path = checkpoint.latest(self.config.ckpt_path)
-        if path is None:
+        found = checkpoint.resume(self.config.ckpt_path, self.model, self.optimizer, self.d, self.run_facts)
+        if found is None:
             if self.d.is_main:
                 print(f"--load_checkpoint: no checkpoint in {self.config.ckpt_path}; starting from the pretrained model")
             return
-        state = checkpoint.load(path, self.model, self.optimizer, self.d)
-        expected = {"train_examples": len(self.train), "train_batch_size": self.config.train_batch_size, "seed": self.config.seed}
-        changed = {k: (state[k], v) for k, v in expected.items() if state[k] != v}
-        if changed:
-            raise ValueError(f"{path}: cannot resume exactly, the data order changed (saved vs now: {changed})")
+        path, state = found
         self.scheduler.load_state_dict(state["scheduler"])
         if hasattr(self.recipe, "load_state_dict"):
             self.recipe.load_state_dict(state["recipe"])

@@ -1,0 +1,72 @@
+"""The markdown section and the file writes of `gpu_suite.py` (BENCHMARKS.md-ready, not BENCHMARKS.md)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.0f}"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.0%}"
+
+
+def markdown(r: dict) -> str:
+    env = r["environment"]
+    lines = [f"## GPU suite: {env['device']}", "",
+             f"`python bench/gpu_suite.py`{' --dry-run-cpu (tiny shapes: proves the code paths, measures nothing)' if env['dry_run'] else ''}; "
+             f"torch {env['torch']}, triton {env['triton']}, {r['seconds']:.0f} s in all.", ""]
+    failed = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and "error" in v}
+    skipped = {k: v["skipped"] for k, v in r.items() if isinstance(v, dict) and "skipped" in v}
+    for name, why in {**failed, **skipped}.items():
+        lines.append(f"- **{name}**: {'failed' if name in failed else 'skipped'}: {why}")
+    bw = r.get("bandwidth", {}).get("bytes_per_s")
+    if bw:
+        lines += [f"Measured copy bandwidth: **{bw / 1e9:.0f} GB/s** (read + write of a {r['bandwidth']['buffer_bytes'] >> 20} MiB buffer).", ""]
+    if "error" not in r.get("kernels", {"error": 1}):
+        lines += ["| kernel | relative error (worst of output and gradients) | tolerance | |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['max_relative_error']:.1e} | {v['tolerance']:.0e} | {'pass' if v['passed'] else '**FAIL**'} |" for k, v in r["kernels"].items()]
+        lines.append("")
+    if "error" not in r.get("kernel_speed", {"error": 1}):
+        lines += ["Forward + backward, ms and peak MiB above the inputs; forward bandwidth as a fraction of the copy's:", "",
+                  "| kernel | Triton ms | eager ms | compile ms | Triton MiB | eager MiB | compile MiB | fwd bw Triton / eager / compile |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k, v in r["kernel_speed"].items():
+            bws = " / ".join(_pct(v.get(f"{s}_forward_bandwidth_fraction")) for s in ("triton", "eager", "compile"))
+            lines.append(f"| {k} | {_ms(v['triton_s'])} | {_ms(v['eager_s'])} | {_ms(v['compile_s'])} | {_mib(v['triton_peak_bytes'])} | "
+                         f"{_mib(v['eager_peak_bytes'])} | {_mib(v['compile_peak_bytes'])} | {bws} |")
+        lines.append("")
+    p = r.get("parity", {})
+    if "max_abs_diff" in p:
+        lines += [f"bf16 logits against transformers (tiny random Llama): max |diff| {p['max_abs_diff']:.3g}, relative error "
+                  f"{p['relative_error']:.2e}, argmax agreement {p['argmax_agreement']:.1%}.", ""]
+    t = r.get("sft", {})
+    if "tokens_per_s" in t:
+        lines += [f"SFT step, Llama-3.2-1B shape, {t['batch']} x {t['seq']} tokens: {t['step_s']:.3f} s, {t['tokens_per_s']:.0f} tokens/s, "
+                  f"{t['flops_per_s'] / 1e12:.1f} TFLOP/s, MFU {_pct(t['mfu'])}.", ""]
+    d = r.get("decode", {})
+    if "batch 1" in d:
+        lines += [f"Greedy decode, Llama-3.1-8B shape ({d['layers']} layers), {d['dtype']}, eager:", "",
+                  "| batch | ms/step | tokens/s | GB read/step | fraction of copy bandwidth |", "|---|---|---|---|---|"]
+        lines += [f"| {k[6:]} | {_ms(v['step_s'])} | {v['tokens_per_s']:.0f} | {v['bytes_per_step'] / 1e9:.2f} | {_pct(v['bandwidth_fraction'])} |"
+                  for k, v in d.items() if k.startswith("batch")]
+        lines.append("")
+    sv = r.get("server", {})
+    if "out tok/s" in sv:
+        lines += [f"Server ({sv['model']}, {sv['streams']} streams, {sv['requests']} requests x {sv['max_tokens']} tokens): "
+                  f"{sv['out tok/s']:.0f} output tokens/s, {sv['req/s']:.2f} req/s, TTFT p50 {sv['TTFT p50 s']:.3f} s, "
+                  f"TPOT p50 {sv['TPOT p50 ms']:.1f} ms.", ""]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""`python -m eeyore.chat`: talk, as the counsellor, to a simulated client in the terminal."""

@@ -1,0 +1,44 @@
+"""bench/gpu_suite.py: one line and status 2 without a GPU; its dry run exercises every measured
+section on the CPU with tiny shapes (the kernels through Triton's interpreter)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / "bench" / "gpu_suite.py"
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour of the GPU suite")
+
+
+def test_without_a_gpu_it_says_so_in_one_line_and_exits_2():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(SUITE)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert done.stdout.count("\n") == 1 and done.stdout.startswith("gpu_suite: no CUDA device")
+
+
+def test_dry_run_exercises_every_section_but_the_server(tmp_path, monkeypatch):
+    if importlib.util.find_spec("triton") is None:  # found, not imported: `kernels` must import it first
+        pytest.skip("triton is not installed")
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    suite = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_suite", suite)  # dataclasses look their module up there
+    spec.loader.exec_module(suite)
+    sections = [s for s in suite.SECTIONS if s != "server"]  # the server: a CLI process, covered by the serve tests
+    assert suite.main(["--dry-run-cpu", "--out", str(tmp_path), "--only", *sections]) == 0
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert set(sections) <= set(results) and not any("error" in results[s] for s in sections)
+    assert all(row["passed"] for row in results["kernels"].values()) and len(results["kernels"]) == 4
+    assert set(results["kernel_speed"]) == {"rms_norm", "apply_rope", "swiglu", "linear_cross_entropy"}
+    assert results["parity"]["argmax_agreement"] == 1.0
+    assert results["decode"]["batch 32"]["tokens_per_s"] > 0 and results["sft"]["tokens_per_s"] > 0
+    markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert markdown.startswith("## GPU suite: CPU") and "| linear_cross_entropy |" in markdown
