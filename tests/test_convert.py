@@ -76,7 +76,7 @@ def test_weights_match_transformers_dequantization(smollm2_dir, gguf_path):
 
 
 def test_config_from_metadata(smollm2_dir):
-    # DESIGN §9: 30 layers, hidden 576, 9 heads, 3 KV heads, vocab 49152, tied embeddings.
+    # SmolLM2-135M: 30 layers, hidden 576, 9 heads, 3 KV heads, vocab 49152, tied embeddings.
     config = LlamaConfig.from_file(smollm2_dir)
     assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (30, 576, 1536)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)

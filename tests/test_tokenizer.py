@@ -57,7 +57,7 @@ def test_llama3_tiktoken_matches_meta(llama3, meta_llama3, conversations):
 
 
 def test_llama3_special_ids(llama3):
-    # DESIGN §3: the Llama 3 special ids and instruct eos ids.
+    # the Llama 3 special ids and the instruct eos ids, as Meta ships them
     assert llama3.vocab_size == 128256
     assert llama3.bos_id == 128000
     assert llama3.eos_ids == [128001, 128008, 128009]
