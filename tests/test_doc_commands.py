@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+DOCS = [p for p in (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))) if p.is_file()]
 RUNNABLE = "<!-- runnable on CPU -->"
 FENCE = re.compile(r"^```(bash|sh|shell|console)?\s*$")
 
@@ -81,6 +81,8 @@ CASES = list(_cases())
 
 
 def test_the_docs_have_commands_to_check():
+    if not (ROOT / "README.md").is_file():
+        pytest.skip("the tests were copied without the repository's docs")
     modules = {project_module(a)[0] for _, _, b, _ in (c.values for c in CASES) for a in commands(b) if project_module(a)}
     assert {"eeyore.serve", "eeyore.train.sft", "eeyore.train.dpo", "eeyore.eval", "eeyore.demo"} <= modules
 
