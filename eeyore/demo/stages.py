@@ -106,7 +106,7 @@ def preferences(d: Demo) -> None:
 def dpo(d: Demo) -> None:
     s = d.settings
     run([PY, "-m", "eeyore.train.dpo",
-         "--pretrain", str(d.models["sft"]), "--dataset", str(d.path("data", "pairs.jsonl")),
+         "--pretrain", str(d.models["sft"]), "--dataset", str(d.path("data", "pairs.jsonl")), "--prompt_key", "prompt",
          "--apply_chat_template", "--max_len", str(s.max_len), "--beta", "0.1",
          "--train_batch_size", "2", "--micro_train_batch_size", "1", "--max_epochs", str(s.dpo_epochs),
          "--learning_rate", "5e-6", "--zero_stage", "3", "--ref_offload",
