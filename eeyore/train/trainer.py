@@ -48,6 +48,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from eeyore.model import linear as products
 from eeyore.model.weights import save_checkpoint
 
 from . import checkpoint
@@ -132,6 +133,7 @@ class Trainer:
         self.save_path = Path(config.save_path)
         self.log = RunLog(config, enabled=d.is_main)
         self.lora = lora_spec(config)
+        self._agree_on_products()
         if config.deepcompile:
             compile_blocks(model)
 
@@ -257,7 +259,16 @@ class Trainer:
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "scheduler": self.scheduler.state_dict(), "recipe": recipe_state, **self.run_facts,
+            "cpu_products": products.chosen(),  # a resumed run rounds as this one did
         }
+
+    def _agree_on_products(self) -> None:
+        """Every rank computes with rank 0's measured CPU products (--cpu_matmul auto measures on
+        each rank, and two products round differently), so the ranks' gradients stay alike."""
+        if dist.is_initialized() and self.d.world_size > 1:
+            choice = [products.chosen()]
+            dist.broadcast_object_list(choice, src=0)
+            products.use(**choice[0])
 
     def _save_checkpoint(self) -> None:
         cfg = self.config
@@ -274,6 +285,8 @@ class Trainer:
             return
         path, state = found
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.config.cpu_matmul == "auto" and "cpu_products" in state:
+            products.use(**state["cpu_products"])  # measured anew it might pick another product
         if hasattr(self.recipe, "load_state_dict"):
             self.recipe.load_state_dict(state["recipe"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
