@@ -7,7 +7,6 @@ and a stage that fails shows the same message the command would.
 from __future__ import annotations
 
 import contextlib
-import os
 import shlex
 import signal
 import socket
@@ -33,19 +32,12 @@ def show(argv: list[str]) -> str:
     return shlex.join(shown)
 
 
-def run(argv: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> None:
+def run(argv: list[str]) -> None:
     """Run one command, its output passed through (progress bars included); raise on failure."""
     print(f"  $ {show(argv)}", flush=True)
-    full_env = {**os.environ, **(env or {})}
-    if log is None:
-        code = subprocess.call(argv, env=full_env)
-    else:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            code = subprocess.call(argv, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    code = subprocess.call(argv)
     if code != 0:
-        where = f" (its output: {log})" if log else ""
-        raise StageError(f"`{show(argv)}` exited with status {code}{where}")
+        raise StageError(f"`{show(argv)}` exited with status {code}")
 
 
 def free_port() -> int:
