@@ -1,0 +1,71 @@
+"""`kernels.cached_attention` (Triton's interpreter on CPU) against the readable model's attention
+over the cache: SDPA with `enable_gqa` and the boolean mask `keys <= position`."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from kernels import cached_attention  # noqa: E402
+from test_kernels import poisoned_outputs  # noqa: E402,F401  (autouse: every kernel output starts as NaN)
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] != "1",
+                                reason="the interpreter tests run on CPU tensors")
+
+
+def masked_sdpa(q, k, v, positions):
+    mask = torch.arange(k.shape[2])[None, None, :] <= positions[:, :, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_matches_masked_sdpa_for_rows_of_different_lengths(group, chunk):
+    B, kv_heads, L, D = 3, 2, 150, 24  # L spans three key blocks of 64, D pads to 32
+    q = torch.randn(B, kv_heads * group, chunk, D)
+    k, v = torch.randn(B, kv_heads, L, D), torch.randn(B, kv_heads, L, D)
+    ends = torch.tensor([0, 70, L - 1]) if chunk == 1 else torch.tensor([chunk - 1, 70, L - 1])
+    positions = ends[:, None] - chunk + 1 + torch.arange(chunk)  # a chunk ending at each row's last position
+    got = cached_attention(q, k, v, positions)
+    torch.testing.assert_close(got, masked_sdpa(q, k, v, positions), rtol=1e-5, atol=1e-5)
+
+
+def test_keys_beyond_a_query_never_count_and_views_of_the_cache_work():
+    """The cache's slot view (strided over its full length) with garbage past each row's position,
+    and a padded prefill whose padding positions are clamped (not contiguous with the real ones)."""
+    slots, kv_heads, max_len, D = 4, 2, 100, 16
+    cache_k, cache_v = torch.randn(slots, kv_heads, max_len, D), torch.randn(slots, kv_heads, max_len, D)
+    k, v = cache_k[1:3, :, :90], cache_v[1:3, :, :90]  # what KVCache.update hands to attention
+    positions = torch.tensor([[10, 11, 12, 89, 89], [40, 41, 42, 43, 44]])
+    q = torch.randn(2, 8, 5, D)
+    got = cached_attention(q, k, v, positions)
+    torch.testing.assert_close(got, masked_sdpa(q, k, v, positions), rtol=1e-5, atol=1e-5)
+    ends = torch.tensor([[12], [44]])
+    k2, v2 = k.clone(), v.clone()
+    k2[0, :, 13:], v2[0, :, 13:], k2[1, :, 45:], v2[1, :, 45:] = (float("nan"),) * 4
+    got = cached_attention(q[:, :, 2:3], k2, v2, ends)  # NaN past the positions: never read
+    torch.testing.assert_close(got, masked_sdpa(q[:, :, 2:3], k, v, ends), rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_within_the_bf16_tolerance():
+    """fp16 (numpy has no bf16): products in the inputs' dtype, softmax and sums in fp32."""
+    q, k, v = torch.randn(2, 8, 3, 32), torch.randn(2, 2, 77, 32), torch.randn(2, 2, 77, 32)
+    positions = torch.tensor([[20, 21, 22], [74, 75, 76]])
+    got = cached_attention(q.half(), k.half(), v.half(), positions)
+    expected = masked_sdpa(q, k, v, positions)
+    assert got.dtype == torch.float16
+    assert float((got.float() - expected).norm() / expected.norm()) < 1e-2
+
+
+def test_shapes_that_do_not_fit_are_one_clear_error():
+    q, k = torch.randn(1, 3, 1, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="heads a multiple of kv_heads"):
+        cached_attention(q, k, k, torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions"):
+        cached_attention(torch.randn(1, 4, 2, 16), k, k, torch.zeros(1, 1, dtype=torch.long))
