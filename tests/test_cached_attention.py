@@ -69,3 +69,37 @@ def test_shapes_that_do_not_fit_are_one_clear_error():
         cached_attention(q, k, k, torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="positions"):
         cached_attention(torch.randn(1, 4, 2, 16), k, k, torch.zeros(1, 1, dtype=torch.long))
+
+
+def test_the_fast_path_routes_cached_attention_to_the_kernel(monkeypatch):
+    """With the CUDA routing forced on CPU tensors: a padded two-row chunked prefill, then decode
+    steps at different positions, give the plain model's logits and never build the mask."""
+    from eeyore.model import KVCache, fastpath, llama
+    from test_model import random_model, tiny_config
+
+    config = tiny_config(num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+    plain, fast = random_model(config), random_model(config)
+    monkeypatch.setattr(fastpath, "_on_gpu", lambda q: True)
+    monkeypatch.setattr(fastpath, "_flash_attn", lambda: None)
+    fastpath.swap_kernel_modules(fast)
+    calls = []
+    real = fastpath._kernel
+    monkeypatch.setattr(fastpath, "_kernel", lambda name: calls.append(name) or real(name))
+    monkeypatch.setattr(llama.Context, "mask", property(lambda self: pytest.fail("the mask was built")))
+    ids = torch.randint(0, config.vocab_size, (2, 6))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 4]])  # row 1: padding clamped
+    caches = [KVCache(config, 2, 12), KVCache(config, 2, 12)]
+    with torch.no_grad():
+        got = fast(ids, positions, caches[0])
+        monkeypatch.undo()  # the plain model keeps its mask
+        expected = plain(ids, positions, caches[1])
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1, :4], expected[1, :4], rtol=1e-4, atol=1e-4)
+        assert calls.count("cached_attention") == config.num_hidden_layers
+        monkeypatch.setattr(fastpath, "_on_gpu", lambda q: True)
+        monkeypatch.setattr(fastpath, "_flash_attn", lambda: None)
+        step, at = ids[:, -1:], torch.tensor([[6], [4]])
+        for _ in range(3):
+            a, b = fast(step, at, caches[0]), plain(step, at, caches[1])
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            step, at = a[:, -1:].argmax(-1), at + 1

@@ -10,7 +10,9 @@ attention's `rope` / `attend`), as gpt-fast swaps modules for its quantised ones
   product per row class is measured on this machine for the model's weight shapes (see
   `linear.py`); for inference the weights may be replaced by packed copies.
 - Kernels (`kernels`, CUDA): RMSNorm, RoPE and SwiGLU through the Triton kernels of the top-level
-  `kernels` package, attention through flash-attn (per-row lengths, no mask) when it imports.
+  `kernels` package; attention over the KV cache by each query's position, never a mask (the
+  Triton `cached_attention`, or flash-attn for a decode step when it imports); packed training
+  rows through flash-attn's variable-length kernel when it imports.
   `auto` turns them on for a CUDA model when triton imports, off otherwise.
 """
 from __future__ import annotations
@@ -132,15 +134,35 @@ class KernelAttention(Attention):
         return _kernel("apply_rope")(q, k, cos, sin)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if ctx.cache is not None and _on_gpu(q):
+            return _cached(q, k, v, ctx)
         flash = _flash_attn()
-        if flash is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-            return super().attend(q, k, v, ctx)
-        if ctx.cache is not None:
-            return _flash_cached(flash, q, k, v, ctx)
-        if ctx.cu_seqlens is not None:
+        if ctx.cu_seqlens is not None and flash is not None and _on_gpu(q) and q.dtype in HALF:
             return _flash_packed(flash, q, k, v, ctx.cu_seqlens)
         return super().attend(q, k, v, ctx)  # plain causal: SDPA picks its flash kernel itself
 
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _on_gpu(q: torch.Tensor) -> bool:
+    """Where the attention kernels run (the CPU tests route their interpreter runs through here)."""
+    return q.is_cuda
+
+
+def _cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Decode and chunked prefill over the cache, by each query's position rather than a mask.
+
+    A decode step (one query per row) goes to flash-attn's `flash_attn_with_kvcache` when it is
+    installed: its per-row lengths are then exact (positions + 1). A chunk goes to the Triton
+    `cached_attention` even then, because flash-attn aligns a chunk's queries to the row's last
+    position and a padded prefill clamps its padding's positions to the cache's end, which would
+    shift the real queries; the Triton kernel takes each query's own position.
+    """
+    flash = _flash_attn()
+    if flash is not None and q.shape[2] == 1 and q.dtype in HALF:
+        return _flash_cached(flash, q, k, v, ctx)
+    return _kernel("cached_attention")(q, k, v, ctx.positions)
 
 def swap_kernel_modules(model: nn.Module) -> None:
     for m in model.modules():
@@ -166,8 +188,7 @@ def _flash_packed(flash: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _flash_cached(flash: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """Decode / chunked prefill over the cache by per-row lengths: row b reads its first
-    positions[b, -1] + 1 keys, causally aligned to its last query (flash-attn's bottom-right)."""
+    """A decode step over the cache by per-row lengths: row b reads its first positions[b, 0] + 1 keys."""
     lengths = (ctx.positions[:, -1] + 1).to(torch.int32)
     # [B, heads, L, D] -> [B, L, heads, D] views: flash-attn takes any strides but the last.
     out = flash.flash_attn_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
