@@ -16,8 +16,11 @@ reads all L keys of every row. Here:
   the longest row's, and not the whole cache when a CUDA graph fixes L at the cache's length;
 - positions per query (not one length per row aligned to the chunk's end) because a padded
   prefill clamps its padding's positions to the cache's end, which would shift the real queries;
-- scores, the online softmax (running max and sum, rescaled per key block) and the output sum in
-  fp32; the products take the inputs' dtype (fp32 inputs: exact fp32, no TF32).
+- everything in fp32: scores, the online softmax (running max and sum, rescaled per key block)
+  and the output sum. The products run on fp32 tiles: exact for fp32 inputs; TF32 for bf16/fp16
+  ones, which holds a bf16 value exactly and rounds the probabilities less than bf16 would (and
+  Triton's interpreter multiplies bf16 tiles wrongly, so only this is provable on CPU). Decode
+  is bound by reading the cache, not by these products.
 
 Why not `torch.nn.attention.varlen.varlen_attn` (torch 2.13; `seqused_k` gives per-row lengths):
 it is flash-attn on CUDA only, wants keys laid out [tokens, kv_heads, D] where the cache is
@@ -41,7 +44,7 @@ BLOCK_N = 64  # keys per step of the online softmax
 @jit
 def _attend(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, scale, T, L, D, GROUP,
             sq_b, sq_h, sq_t, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_t, sp_b, sp_t,
-            KV_HEADS, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+            KV_HEADS, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0) // KV_HEADS
     kv_head = tl.program_id(0) % KV_HEADS
     # This program's BLOCK_M (query head, query) pairs among the GROUP * T of its kv head.
@@ -53,7 +56,7 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, scale, T, L, D, GROUP,
     dim_ok = dims < D
     pos = tl.load(pos_ptr + row * sp_b + t * sp_t, mask=live, other=0)
     q = tl.load(q_ptr + row * sq_b + head[:, None] * sq_h + t[:, None] * sq_t + dims[None, :],
-                mask=live[:, None] & dim_ok[None, :], other=0.0)
+                mask=live[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
     k_base = k_ptr + row * sk_b + kv_head * sk_h
     v_base = v_ptr + row * sv_b + kv_head * sv_h
     peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -64,10 +67,7 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, scale, T, L, D, GROUP,
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < end
         kt = tl.load(k_base + keys[None, :] * sk_l + dims[:, None], mask=key_ok[None, :] & dim_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
+        s = tl.dot(q, kt.to(tl.float32), input_precision=PRECISION)
         s = tl.where(key_ok[None, :] & (keys[None, :] <= pos[:, None]), s * scale, float("-inf"))
         # Key 0 is visible to every query, so `peak` is finite from the first block on.
         new_peak = tl.maximum(peak, tl.max(s, axis=1))
@@ -75,10 +75,7 @@ def _attend(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, scale, T, L, D, GROUP,
         rescale = tl.exp(peak - new_peak)
         total = total * rescale + tl.sum(p, axis=1)
         v = tl.load(v_base + keys[:, None] * sv_l + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-        if IEEE:
-            acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         peak = new_peak
     out = acc / total[:, None]
     tl.store(o_ptr + row * so_b + head[:, None] * so_h + t[:, None] * so_t + dims[None, :],
@@ -105,6 +102,6 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out.numel():
         _attend[grid](q, k_cache, v_cache, out, positions, 1.0 / math.sqrt(d), t, length, d, group,
                       *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:3], *positions.stride(),
-                      kv_heads, IEEE=q.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                      kv_heads, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                       BLOCK_D=max(16, _triton.next_power_of_2(d)))
     return out

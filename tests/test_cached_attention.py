@@ -53,13 +53,13 @@ def test_keys_beyond_a_query_never_count_and_views_of_the_cache_work():
     torch.testing.assert_close(got, masked_sdpa(q[:, :, 2:3], k, v, ends), rtol=1e-5, atol=1e-5)
 
 
-def test_half_precision_within_the_bf16_tolerance():
-    """fp16 (numpy has no bf16): products in the inputs' dtype, softmax and sums in fp32."""
-    q, k, v = torch.randn(2, 8, 3, 32), torch.randn(2, 2, 77, 32), torch.randn(2, 2, 77, 32)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_the_bf16_tolerance(dtype):
+    q, k, v = (torch.randn(*shape).to(dtype) for shape in ((2, 8, 3, 32), (2, 2, 77, 32), (2, 2, 77, 32)))
     positions = torch.tensor([[20, 21, 22], [74, 75, 76]])
-    got = cached_attention(q.half(), k.half(), v.half(), positions)
-    expected = masked_sdpa(q, k, v, positions)
-    assert got.dtype == torch.float16
+    got = cached_attention(q, k, v, positions)
+    expected = masked_sdpa(q.float(), k.float(), v.float(), positions)
+    assert got.dtype == dtype
     assert float((got.float() - expected).norm() / expected.norm()) < 1e-2
 
 
