@@ -8,8 +8,14 @@ recompute: it scales the gradients made in forward by the upstream gradient.
 
 Rows whose target is `ignore_index` are dropped before the product (their gradient is zero).
 `reduction="mean"` divides by the number of targets (1 when there are none, so an all-ignored
-batch gives 0, not NaN). The weight gradient accumulates in fp32 whatever the weight dtype; on
-CUDA through a product that writes fp32 directly, so no fp32 copy of each slice's product is made.
+batch gives 0, not NaN).
+
+Memory: the weight gradient accumulates in the weight's own dtype, slice by slice, through
+`addmm_` (each slice's product is formed in fp32 inside the matrix multiply and rounded once
+as it is added), so besides the two gradients only one slice of logits is ever allocated. An fp32
+[V, H] accumulator would hold 2 GiB at 128256 x 4096, twice the bf16 gradient itself; rounding
+once per slice instead costs about one bf16 rounding per slice, and the slices are large (at
+V = 128256 in bf16, 1024 rows: four slices for 4096 tokens) so there are few of them.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from . import _triton
 from ._triton import jit, tl
 
 BLOCK_V = 1024
-_SLICE_BYTES = 128 * 2**20  # logits per slice; at V = 128256 in bf16, 512 rows
+_SLICE_BYTES = 256 * 2**20  # logits per slice; at V = 128256 in bf16, 1024 rows
 
 
 @jit
@@ -51,29 +57,6 @@ def _slice_rows(vocab: int, itemsize: int) -> int:
     return max(16, _SLICE_BYTES // (vocab * itemsize))
 
 
-_fp32_out_product = True  # until CUDA says otherwise: see add_outer_fp32
-
-
-def add_outer_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a.T @ b for a, b of any float dtype, without an fp32 temporary on CUDA.
-
-    cuBLAS can write a bf16 product straight into fp32 (`addmm` with `out_dtype`). That overload is
-    recent and not yet run here on a GPU, so a build that rejects it falls back, once and for good,
-    to the product in the inputs' dtype converted to fp32 (one [V, H] temporary per call).
-    """
-    global _fp32_out_product
-    if a.dtype == acc.dtype:
-        acc.addmm_(a.t(), b)
-        return
-    if acc.is_cuda and _fp32_out_product:
-        try:
-            torch.ops.aten.addmm.dtype_out(acc, a.t(), b, torch.float32, out=acc)
-            return
-        except (RuntimeError, NotImplementedError):
-            _fp32_out_product = False
-    acc += (a.t() @ b).float()
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, mean: bool):
@@ -82,7 +65,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         count = keep.numel()
         scale = 1.0 / max(count, 1) if mean else 1.0
         grad_h = torch.zeros_like(hidden) if need_h else None  # ignored rows keep their zero
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = torch.zeros_like(weight) if need_w else None
         losses = _triton.empty((count,), torch.float32, hidden.device)
         rows = _slice_rows(weight.shape[0], weight.element_size())
         for start in range(0, count, rows):
@@ -96,8 +79,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if need_h:
                 grad_h.index_copy_(0, idx, logits @ weight)
             if need_w:
-                add_outer_fp32(grad_w, logits, h)
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+                grad_w.addmm_(logits.t(), h)
+        ctx.grads = (grad_h, grad_w)
         return losses.sum() * scale
 
     @staticmethod
