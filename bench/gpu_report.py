@@ -65,6 +65,16 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _fused_loss_memory(v: dict) -> list[str]:
+    """The goal's ratio, whole peak and peak beyond the two gradients every side must return."""
+    if not v.get("eager_peak_bytes") or v.get("triton_peak_bytes") is None:
+        return []
+    grads = v["gradient_bytes"]
+    beyond = (v["triton_peak_bytes"] - grads) / max(v["eager_peak_bytes"] - grads, 1)
+    return [f"Fused cross-entropy peak memory: {v['triton_peak_bytes'] / v['eager_peak_bytes']:.1%} of eager's; "
+            f"beyond the gradients ({_mib(grads)} MiB, returned by both) {beyond:.1%} of eager's.", ""]
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

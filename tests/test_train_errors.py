@@ -97,3 +97,32 @@ def test_bugs_keep_their_traceback_and_the_variable_shows_user_errors_too(monkey
     with pytest.raises(ValueError, match="bad flag"):
         with launch():
             raise ValueError("bad flag")
+
+
+def test_a_gpu_rank_that_does_not_exist_stops_the_cli_with_one_line(setup, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for main, flags in ((sft.main, sft_flags(setup)), (dpo.main, ["--pretrain", str(setup / "tiny"), "--dataset", "x"])):
+        with pytest.raises(SystemExit) as exit:
+            main(flags)
+        assert exit.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: LOCAL_RANK=3 but this node has 1 visible GPU(s)") and "\n" not in err
+
+
+@pytest.mark.parametrize("recipe", [sft, dpo])
+def test_the_kernels_flag_selects_the_training_loss(recipe):
+    from eeyore.train import loss
+    from eeyore.train.parallel import close_distributed
+    from eeyore.train.trainer import start_run
+
+    try:
+        for mode in ("off", "on", "auto"):
+            start_run(recipe.parse_args(["--dataset", "x", "--kernels", mode]))
+            close_distributed()
+            assert loss._KERNELS == mode
+    finally:
+        loss.use_kernels("auto")
