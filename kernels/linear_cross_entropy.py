@@ -80,6 +80,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_h.index_copy_(0, idx, logits @ weight)
             if need_w:
                 grad_w.addmm_(logits.t(), h)
+            del logits  # before the next slice's product: never two [rows, V] blocks at once
         ctx.grads = (grad_h, grad_w)
         return losses.sum() * scale
 
