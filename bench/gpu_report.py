@@ -52,7 +52,7 @@ def markdown(r: dict) -> str:
                   f"{t['flops_per_s'] / 1e12:.1f} TFLOP/s, MFU {_pct(t['mfu'])}.", ""]
     d = r.get("decode", {})
     if "batch 1" in d:
-        lines += [f"Greedy decode, Llama-3.1-8B shape ({d['layers']} layers), {d['dtype']}, eager:", "",
+        lines += [f"Greedy decode, Llama-3.1-8B shape ({d['layers']} layers), {d['dtype']}, eager, Triton kernels {'on' if d.get('kernels') else 'off'}:", "",
                   "| batch | ms/step | tokens/s | GB read/step | fraction of copy bandwidth |", "|---|---|---|---|---|"]
         lines += [f"| {k[6:]} | {_ms(v['step_s'])} | {v['tokens_per_s']:.0f} | {v['bytes_per_step'] / 1e9:.2f} | {_pct(v['bandwidth_fraction'])} |"
                   for k, v in d.items() if k.startswith("batch")]

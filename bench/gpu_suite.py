@@ -165,7 +165,25 @@ def kernel_correctness(ctx: argparse.Namespace) -> dict:
             truth, _ = forward_backward(ref, [x.float() for x in inputs], [u.float() for u in up])
             err = max(relative_error(a, b) for a, b in zip(got, truth))
             rows[f"{name} {str(dtype)[6:]}"] = {"max_relative_error": err, "tolerance": tol, "passed": err <= tol}
+        err = cached_attention_error(ctx.shapes, dtype, ctx.device)
+        rows[f"cached_attention {str(dtype)[6:]}"] = {"max_relative_error": err, "tolerance": tol, "passed": err <= tol}
     return rows
+
+
+def cached_attention_error(s: Shapes, dtype: torch.dtype, device: torch.device) -> float:
+    """The decode/chunk attention (inference only: no gradient) against SDPA with the mask, in fp32:
+    a chunk of 3 queries per row, rows ending at different positions of the cache."""
+    import torch.nn.functional as F
+
+    import kernels
+
+    q = torch.randn(s.batch, s.heads, 3, s.head_dim, device=device)
+    k, v = (torch.randn(s.batch, s.kv_heads, s.seq, s.head_dim, device=device) for _ in range(2))
+    ends = torch.randint(2, s.seq, (s.batch, 1), device=device)
+    positions = ends - 2 + torch.arange(3, device=device)
+    mask = (torch.arange(s.seq, device=device) <= positions[:, :, None])[:, None]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return relative_error(kernels.cached_attention(q.to(dtype), k.to(dtype), v.to(dtype), positions), expected)
 
 
 def kernel_speed(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
@@ -256,11 +274,13 @@ def sft(ctx: argparse.Namespace) -> dict:
 
 
 def decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
+    from eeyore.model.fastpath import speed_up
     from eeyore.model.kv_cache import KVCache
 
     config = llama_config(ctx.decode_layers, not ctx.cuda, **LLAMA_8B)
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     model = random_model(config, dtype, ctx.device)
+    kernels_on = speed_up(model, kernels="auto", cpu_matmul="blas", inference=True)["kernels"]  # as the server does
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     prompt, steps = (512, 64) if ctx.cuda else (8, 4)
     rows = {}
@@ -279,7 +299,7 @@ def decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
         rows[f"batch {batch}"] = {"step_s": step, "tokens_per_s": batch / step, "bytes_per_step": weight_bytes + kv_bytes,
                                   "bandwidth_fraction": (weight_bytes + kv_bytes) / step / bytes_per_s if bytes_per_s else None}
         del cache
-    rows["layers"], rows["dtype"] = config.num_hidden_layers, str(dtype)[6:]
+    rows["layers"], rows["dtype"], rows["kernels"] = config.num_hidden_layers, str(dtype)[6:], kernels_on
     return rows
 
 

@@ -36,7 +36,7 @@ def test_dry_run_exercises_every_section_but_the_server(tmp_path, monkeypatch):
     assert suite.main(["--dry-run-cpu", "--out", str(tmp_path), "--only", *sections]) == 0
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert set(sections) <= set(results) and not any("error" in results[s] for s in sections)
-    assert all(row["passed"] for row in results["kernels"].values()) and len(results["kernels"]) == 4
+    assert all(row["passed"] for row in results["kernels"].values()) and len(results["kernels"]) == 5
     assert set(results["kernel_speed"]) == {"rms_norm", "apply_rope", "swiglu", "linear_cross_entropy"}
     assert results["parity"]["argmax_agreement"] == 1.0
     assert results["decode"]["batch 32"]["tokens_per_s"] > 0 and results["sft"]["tokens_per_s"] > 0

@@ -38,8 +38,9 @@ def add_arguments(parser: Any, style: str = "-") -> None:
     (`style="_"`: --cpu_matmul; their help formatter appends defaults itself)."""
     default = " (default %(default)s)" if style == "-" else ""
     parser.add_argument("--kernels", choices=KERNEL_MODES, default="auto",
-                        help="Triton kernels (RMSNorm, RoPE, SwiGLU) and flash-attn attention: auto = on for a "
-                             "CUDA model when triton imports, off on CPU" + default)
+                        help="Triton kernels (RMSNorm, RoPE, SwiGLU, attention over the KV cache; flash-attn for "
+                             "packed rows and decode when installed): auto = on for a CUDA model when triton imports, "
+                             "off on CPU" + default)
     parser.add_argument(f"--cpu{style}matmul", choices=CPU_MATMUL_MODES, default="auto",
                         help="product for fp32 CPU projections: auto = the fastest measured at start on this "
                              "machine for the model's shapes; blas = F.linear; onednn = oneDNN on the plain "
