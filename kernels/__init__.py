@@ -1,4 +1,5 @@
-"""Triton kernels for the CUDA training and inference path, each an autograd function.
+"""Triton kernels for the CUDA training and inference path: autograd functions (forward and backward),
+and `cached_attention` for inference over the KV cache (forward only).
 
     from kernels import rms_norm, apply_rope, swiglu, linear_cross_entropy, cached_attention
 
