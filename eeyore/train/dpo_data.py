@@ -105,10 +105,10 @@ def _is_empty(response: str | list[dict[str, str]]) -> bool:
     return not any(m["content"].strip() for m in response)
 
 
-Made = tuple[list[int], Spans]
+Side = tuple[list[int], Spans]  # one side of a pair: its ids and the span that trains
 
 
-def record_tokens(row: Row, fmt: PreferenceFormat, tok: Tokenizer, template: ChatTemplate | None, end_id: int) -> tuple[Made, Made] | None:
+def record_tokens(row: Row, fmt: PreferenceFormat, tok: Tokenizer, template: ChatTemplate | None, end_id: int) -> tuple[Side, Side] | None:
     """(ids, trained span) of prompt + chosen and of prompt + rejected; None when a response is
     empty (a preference between nothing and something teaches nothing we want)."""
     if fmt.apply_chat_template:
@@ -142,7 +142,7 @@ def record_tokens(row: Row, fmt: PreferenceFormat, tok: Tokenizer, template: Cha
     return tuple(text_tokens(tok, prompt, row.record[key], end_id) for key in (fmt.chosen_key, fmt.rejected_key))
 
 
-def tokenize_pair(chosen: Made, rejected: Made, max_len: int, end_id: int) -> PreferencePair | None:
+def tokenize_pair(chosen: Side, rejected: Side, max_len: int, end_id: int) -> PreferencePair | None:
     """The pair of two (ids, span) sides, or None when the prompt leaves no room for a response."""
     cut = [trained_example(ids, spans, max_len, end_id) for ids, spans in (chosen, rejected)]
     if cut[0] is None or cut[1] is None:
