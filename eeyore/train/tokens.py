@@ -8,9 +8,10 @@ examples through the same three steps:
 1. **Which tokens** (`chat_tokens`, `text_tokens`): ids and the `[start, end)` spans to train.
    Chat records: the template renders the conversation and `chat.assistant_turns` finds every
    assistant turn in the text (a template whose renderings do not extend each other is refused,
-   naming the message). The text is cut at those boundaries and each piece is tokenized on its
-   own, so the tokens before a turn are exactly those of its rendered prompt (what the model is
-   fed at generation time) and the trained tokens are exactly the turn's: its content and its
+   naming the message). The text is cut at the boundaries of the turns that train and each
+   piece is tokenized on its own, so the trained tokens are exactly the turn's, and before a
+   single trained turn (DPO, SFT without --multiturn) come exactly the tokens of its rendered
+   prompt, what the model is fed at generation time. A trained turn is its content and its
    end-of-turn token, through the turn's last eos-type token (ChatML's newline after
    `<|im_end|>` is never generated: it is context, and dropped after the last trained turn).
    A template that closes a turn with no eos-type token gets the turn's text without trailing
@@ -60,8 +61,8 @@ def chat_tokens(
     """Ids of a conversation through its last assistant turn and the spans of the assistant
     turns to train: those of messages `first` onwards (earlier ones are context).
 
-    The text is cut only at the trained turns, so the tokens before each of them are those of
-    its whole rendered prompt. Raises TemplateError when the template is not prefix-stable.
+    The text is cut only at the trained turns (earlier assistant turns stay inside the prompt's
+    piece). Raises TemplateError when the template is not prefix-stable.
     """
     text, turns = assistant_turns(chat, messages)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
