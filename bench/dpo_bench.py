@@ -101,6 +101,7 @@ def transformers_dpo(args: argparse.Namespace):
     import transformers
 
     from eeyore.train.dpo_data import collate_pairs
+    from eeyore.train.loss import IGNORE_INDEX
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok, pairs = make_pairs(Path(args.model), args.pairs, args.max_len)
@@ -112,7 +113,9 @@ def transformers_dpo(args: argparse.Namespace):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.95), eps=1e-8)
     batch = collate_pairs(pairs, tok.pad_id if tok.pad_id is not None else tok.eos_ids[0]).to(device)
     attention = torch.arange(batch.input_ids.shape[1], device=device)[None] < batch.lengths[:, None]
-    targets, mask = batch.input_ids[:, 1:], batch.response_mask[:, 1:]
+    # position t predicts targets[t] (the last position never has one): the same targets as ours
+    mask = batch.targets[:, :-1] != IGNORE_INDEX
+    targets = batch.targets[:, :-1].clamp(min=0)
     n = batch.pairs
 
     def summed_logps(model) -> torch.Tensor:

@@ -51,6 +51,7 @@ from eeyore.train.data import Row
 from eeyore.train.loss import IGNORE_INDEX, cross_entropy_sum
 from eeyore.train.parallel import data_parallel_mesh, init_distributed, load_sharded, shard_model
 from eeyore.train.trainer import Trainer, lora_spec
+from eeyore.train.tokens import Batch, Example
 from machine import cpu_description
 
 PROFILES = Path(__file__).resolve().parents[2] / "shared/data/eeyore_test_profiles.json"
@@ -104,13 +105,13 @@ def release_freed_memory_at_once() -> None:
     libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
 
 
-def real_batch(tok: Tokenizer, batch: int, seq: int) -> sft.SFTBatch:
+def real_batch(tok: Tokenizer, batch: int, seq: int) -> Batch:
     """The first `seq` tokens of `batch` real conversations (profile system prompt first)."""
     conversations = [r["conversation"] for r in json.loads(PROFILES.read_text())]
     fmt = sft.SFTFormat("messages", None, True, True, 1 << 30)
     chat = ChatTemplate.for_tokenizer(tok)
     examples = [sft.make_example(Row({"messages": conv}, "profiles"), tok, chat, fmt) for conv in conversations]
-    cut = [sft.SFTExample(e.input_ids[:seq], e.labels[:seq]) for e in examples if len(e.input_ids) >= seq]
+    cut = [Example(e.input_ids[:seq], e.labels[:seq]) for e in examples if len(e.input_ids) >= seq]
     if len(cut) < batch:
         raise SystemExit(f"only {len(cut)} conversations reach {seq} tokens; lower --seq or --batch")
     return sft.collate(cut[:batch], tok.pad_id if tok.pad_id is not None else tok.eos_ids[0])
@@ -239,7 +240,7 @@ def bench_packing(args: argparse.Namespace) -> None:
     whole = [sft.make_example(Row({"messages": c}, "profiles"), tok, chat, fmt) for c in conversations]
     # the first --packing-fraction of each conversation (keeps their unequal lengths), at most --packing-max-len tokens
     keep = [min(cut, max(2, round(len(e.input_ids) * args.packing_fraction))) for e in whole]
-    examples = [sft.SFTExample(e.input_ids[:n], e.labels[:n]) for e, n in zip(whole, keep)]
+    examples = [Example(e.input_ids[:n], e.labels[:n]) for e, n in zip(whole, keep)]
     examples = examples[: len(examples) - len(examples) % args.batch]
     d = init_distributed()
     model = load_sharded(str(model_dir), d, zero_stage=2)
@@ -284,7 +285,7 @@ def sft_step_seconds(config: LlamaConfig, batch: int, seq: int, steps: int, bf16
     flags = ["--dataset", "-", "--train_batch_size", str(batch), "--micro_train_batch_size", str(batch)] + (["--bf16"] if bf16 else [])
     trainer = Trainer(sft.parse_args(flags), d, model, None, sft.SFTRecipe(0), [None] * batch)
     ids = torch.randint(0, config.vocab_size, (batch, seq))
-    micro = sft.SFTBatch(ids, ids.roll(-1, 1), ids.numel())
+    micro = Batch(ids, ids.roll(-1, 1), torch.full((batch,), seq))
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)
     for _ in range(2):
         trainer.train_step([micro])

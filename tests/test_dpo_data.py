@@ -10,6 +10,7 @@ from eeyore.model.tokenizer import Tokenizer
 from eeyore.train.data import DataError, Row
 from eeyore.train.dpo import sequence_logps
 from eeyore.train.dpo_data import PreferenceFormat, PreferencePair, build_pairs, collate_pairs
+from eeyore.train.loss import IGNORE_INDEX
 from serve_fixtures import IM_END, byte_tokenizer, tiny_checkpoint
 
 EOT = 128009  # <|eot_id|>
@@ -109,7 +110,8 @@ def test_batch_layout_and_logps_match_transformers(tmp_path):
     batch = collate_pairs(pairs, pad_id=0)
     assert batch.input_ids.shape == (4, 8) and batch.pairs == 2 and batch.tokens == 6 + 4 + 4 + 8
     assert batch.ref_logps.tolist() == [-1.0, -3.0, -2.0, -4.0]  # chosen rows first
-    assert batch.response_mask[1].tolist() == [False, False, True, True, False, False, False, False]
+    # the second chosen row trains tokens 2 and 3 (22, 23): positions 1 and 2 predict them
+    assert batch.targets[1].tolist() == [IGNORE_INDEX, 22, 23] + [IGNORE_INDEX] * 5
 
     with torch.no_grad():
         sums, means = sequence_logps(ours, batch)

@@ -6,6 +6,8 @@ import torch
 
 from eeyore.model import Llama, LlamaConfig
 from eeyore.train.dpo_loss import DPOLossConfig, preference_loss, response_logps
+from eeyore.train.loss import IGNORE_INDEX
+from eeyore.train.tokens import Example, collate
 
 # Two pairs. Pair 0: policy prefers chosen by 2 nats more than the reference (z = 2);
 # pair 1: policy prefers rejected by 1 nat (z = -1).
@@ -99,7 +101,9 @@ def test_summed_logps_match_transformers(monkeypatch):
     # a small slice size exercises the sliced projection and its gradient path
     monkeypatch.setattr("eeyore.train.loss._rows_per_block", lambda vocab: 4)
     hidden = ours.hidden_states(input_ids)
-    sums, means = response_logps(hidden, ours.lm_head.weight, input_ids, mask)
+    labels = [[t if m else IGNORE_INDEX for t, m in zip(ids, row)] for ids, row in zip(input_ids.tolist(), mask.tolist())]
+    targets = collate([Example(ids, lab) for ids, lab in zip(input_ids.tolist(), labels)], pad_id=0).targets
+    sums, means = response_logps(hidden, ours.lm_head.weight, targets)
 
     with torch.no_grad():
         logp = theirs(input_ids).logits.float().log_softmax(-1)

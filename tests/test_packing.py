@@ -18,6 +18,7 @@ from eeyore.train.dpo_data import PreferencePair
 from eeyore.train.dpo_loss import DPOLossConfig
 from eeyore.train.loss import IGNORE_INDEX
 from eeyore.train.packing import PackedLayout
+from eeyore.train.tokens import Example
 from serve_fixtures import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,10 +34,10 @@ def tiny_model(vocab: int = 97) -> Llama:
     return Llama(config)
 
 
-def random_example(rng: random.Random, vocab: int) -> sft.SFTExample:
+def random_example(rng: random.Random, vocab: int) -> Example:
     ids = [rng.randrange(vocab) for _ in range(rng.randrange(5, 40))]
     labels = [t if rng.random() < 0.6 else IGNORE_INDEX for t in ids]
-    return sft.SFTExample(ids, labels)
+    return Example(ids, labels)
 
 
 def loss_and_grads(model, loss_fn, batch):
@@ -60,7 +61,7 @@ def test_layout_restarts_positions_and_numbers_sequences():
 
 
 def test_packed_sft_targets_never_cross_examples():
-    batch = sft.collate_packed([sft.SFTExample([1, 2, 3], [IGNORE_INDEX, 2, 3]), sft.SFTExample([4, 5], [4, 5])])
+    batch = sft.collate_packed([Example([1, 2, 3], [IGNORE_INDEX, 2, 3]), Example([4, 5], [4, 5])])
     assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5]]
     assert batch.targets.tolist() == [[2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
     assert batch.tokens == 5

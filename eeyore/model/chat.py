@@ -128,35 +128,53 @@ def _check_messages(messages: Sequence[Message]) -> None:
             raise ValueError(f"messages[{i}] ({message['role']}) must have a string 'content'")
 
 
-def tokenize_conversation(
-    tok: Tokenizer, messages: Sequence[Message], template: ChatTemplate | str | None = None
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of the conversation and the `[start, end)` span of every assistant turn.
+def assistant_turns(chat: ChatTemplate, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered up to its last assistant turn, and the `[start, end)` characters
+    of every assistant turn in that text: from the end of its generation prompt to the end of
+    the turn as the template renders it. Messages after the last assistant turn are dropped.
 
-    A span covers the turn's content and its end-of-turn token; anything a template writes after
-    the last eos-type token of the turn (ChatML's newline after `<|im_end|>`) is left out, since
-    generation stops at that token. Messages after the last assistant turn carry no targets and
-    are dropped. A conversation without an assistant turn gives no spans.
-    Raises TemplateError, naming the message, when the template is not prefix-stable.
+    Raises TemplateError, naming the message, when the renderings do not extend each other
+    (the template is not prefix-stable), so that no turn can be located in the text.
     """
-    chat = template if isinstance(template, ChatTemplate) else ChatTemplate.for_tokenizer(tok, template)
     assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if assistant:
         messages = messages[: assistant[-1] + 1]
-    full_text = chat.render(messages)
-    ids = tok.encode(full_text)
-    eos = set(tok.eos_ids)
-    spans = []
+    text = chat.render(messages)
+    turns = []
     for i in assistant:
         prompt = chat.render(messages[:i], add_generation_prompt=True)
         turn = chat.render(messages[: i + 1])
-        if not turn.startswith(prompt) or not full_text.startswith(turn):
+        if not turn.startswith(prompt) or not text.startswith(turn):
             raise TemplateError(
                 f"chat template is not prefix-stable at message {i} (assistant): rendering messages[:{i}] "
                 f"with a generation prompt, then messages[:{i + 1}], then the whole conversation does not "
                 "give texts that extend each other, so assistant tokens cannot be located"
             )
-        prompt_ids, turn_ids = tok.encode(prompt), tok.encode(turn)
+        turns.append((len(prompt), len(turn)))
+    return text, turns
+
+
+def tokenize_conversation(
+    tok: Tokenizer, messages: Sequence[Message], template: ChatTemplate | str | None = None
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of the whole rendered conversation in one piece (what `apply_chat_template`
+    tokenizes) and the `[start, end)` span of every assistant turn.
+
+    A span covers the turn's content and its end-of-turn token; anything a template writes after
+    the last eos-type token of the turn (ChatML's newline after `<|im_end|>`) is left out, since
+    generation stops at that token. Messages after the last assistant turn are dropped. A
+    conversation without an assistant turn gives no spans. Raises TemplateError, naming the
+    message, when the template or its tokens are not prefix-stable. (Training tokenizes each
+    piece on its own instead, so that its tokens never depend on a merge across a turn's
+    boundary: `eeyore.train.tokens`.)
+    """
+    chat = template if isinstance(template, ChatTemplate) else ChatTemplate.for_tokenizer(tok, template)
+    text, turns = assistant_turns(chat, messages)
+    ids = tok.encode(text)
+    eos = set(tok.eos_ids)
+    spans = []
+    for (start_char, end_char), i in zip(turns, [i for i, m in enumerate(messages) if m.get("role") == "assistant"]):
+        prompt_ids, turn_ids = tok.encode(text[:start_char]), tok.encode(text[:end_char])
         start, end = len(prompt_ids), len(turn_ids)
         if ids[:start] != prompt_ids or ids[:end] != turn_ids:
             raise TemplateError(

@@ -52,7 +52,7 @@ from .trainer import Trainer, lora_spec, start_run
 def sequence_logps(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and token-mean response log-probs of every row of the batch (one forward)."""
     hidden = model.hidden_states(batch.input_ids, **model_inputs(batch.packed))
-    return response_logps(hidden, model.lm_head.weight, batch.input_ids, batch.response_mask, batch.packed)
+    return response_logps(hidden, model.lm_head.weight, batch.targets, batch.packed)
 
 
 class DPORecipe:

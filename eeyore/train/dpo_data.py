@@ -8,13 +8,13 @@ A record holds a prompt and two responses, in one of three shapes:
   - without `--apply_chat_template`: plain strings, prompt (optionally through `input_template`)
     followed by the response text.
 
-Tokens, as OpenRLHF makes them: the prompt is rendered with a generation prompt; a response is
-the rendering of prompt + response minus the prompt's text, with trailing newlines removed and an
-end token appended when it does not already end with one. We tokenize prompt and response
-separately and concatenate, so the prompt tokens are exactly those the model sees at generation
-time (and the response boundary never depends on a merge across it). Sequences are cut to
-`max_len` with the last kept token forced to the end token; records whose prompt alone has
->= max_len - 2 tokens are dropped and counted, and so are records whose chosen or rejected
+Tokens: each side is prompt + response made into a `tokens.Example` exactly as SFT makes a
+conversation whose last turn trains (`tokens.py`): the prompt's tokens are those of the prompt
+rendered with a generation prompt, the trained tokens those of the response (content and end
+of turn; a response without an end token gets trailing newlines removed and the end token
+appended) -- OpenRLHF's prompt / response texts, its prompt token count, its eos. Sequences are
+cut to `max_len` with the last kept token forced to the end token; records whose prompt alone
+has >= max_len - 2 tokens are dropped and counted, and so are records whose chosen or rejected
 response is empty. Messages are read as `data.Row.messages` reads them (roles normalised or
 refused, empty prompt messages dropped and counted).
 
@@ -36,7 +36,7 @@ from eeyore.model.chat import ChatTemplate, TemplateError
 from eeyore.model.tokenizer import Tokenizer
 
 from .data import DataError, Row
-from .packing import PackedLayout, pack
+from .tokens import Batch, Example, Spans, chat_tokens, collate, collate_packed, labelled, text_tokens, trained_example
 
 
 @dataclass
@@ -54,37 +54,23 @@ class PreferenceFormat:
 class PreferencePair:
     chosen: list[int]  # prompt + chosen response
     rejected: list[int]  # prompt + rejected response
-    prompt_len: int  # tokens of the prompt; both sequences start with them
+    prompt_len: int  # tokens of the prompt; both sequences start with them, every later token trains
     ref_logps: tuple[float, float] | None = None  # reference (chosen, rejected), when precomputed
+
+    def examples(self) -> tuple[Example, Example]:
+        """The chosen and rejected sequences with their labels (`tokens.Example`)."""
+        return tuple(Example(ids, labelled(ids, [(self.prompt_len, len(ids))])) for ids in (self.chosen, self.rejected))
 
 
 @dataclass
-class PairBatch:
-    """Chosen rows first, then rejected rows, right-padded: one forward serves both halves.
+class PairBatch(Batch):
+    """Chosen rows first, then rejected rows (`tokens.Batch`): one forward serves both halves."""
 
-    `response_mask[b, t]` marks the tokens whose log-probability counts (response content and
-    its end-of-turn token); the log-prob of token t comes from the logits at t - 1.
-    """
-
-    input_ids: torch.Tensor  # [2B, T]
-    response_mask: torch.Tensor  # [2B, T] bool
-    lengths: torch.Tensor  # [2B] real tokens per row; the rest is padding
     ref_logps: torch.Tensor | None = None  # [2B] precomputed reference log-probs, same row order
-    packed: PackedLayout | None = None  # --packing_samples: the 2B sequences lie in one row [1, S]
 
     @property
     def pairs(self) -> int:
         return self.lengths.shape[0] // 2
-
-    @property
-    def tokens(self) -> int:
-        """Real (non-padding) tokens, for throughput."""
-        return int(self.lengths.sum())
-
-    def to(self, device: torch.device | str) -> "PairBatch":
-        ref = None if self.ref_logps is None else self.ref_logps.to(device)
-        packed = None if self.packed is None else self.packed.to(device)
-        return PairBatch(self.input_ids.to(device), self.response_mask.to(device), self.lengths.to(device), ref, packed)
 
 
 def split_messages(row: Row, fmt: PreferenceFormat) -> tuple[list[dict], list[dict], list[dict]]:
@@ -119,29 +105,28 @@ def _is_empty(response: str | list[dict[str, str]]) -> bool:
     return not any(m["content"].strip() for m in response)
 
 
-def record_texts(row: Row, fmt: PreferenceFormat, template: ChatTemplate | None) -> tuple[str, str, str] | None:
-    """(prompt text, chosen response text, rejected response text) of one record; None when a
-    response is empty (a preference between nothing and something teaches nothing we want)."""
+Side = tuple[list[int], Spans]  # one side of a pair: its ids and the span that trains
+
+
+def record_tokens(row: Row, fmt: PreferenceFormat, tok: Tokenizer, template: ChatTemplate | None, end_id: int) -> tuple[Side, Side] | None:
+    """(ids, trained span) of prompt + chosen and of prompt + rejected; None when a response is
+    empty (a preference between nothing and something teaches nothing we want)."""
     if fmt.apply_chat_template:
         assert template is not None
         prompt, chosen, rejected = split_messages(row, fmt)
         if _is_empty(chosen) or _is_empty(rejected):
             return None
-        chosen, rejected = row.drop_empty(fmt.chosen_key, chosen), row.drop_empty(fmt.rejected_key, rejected)
-        try:
-            prompt_text = template.render(prompt, add_generation_prompt=True)
-            responses = []
-            for response in (chosen, rejected):
-                full = template.render(prompt + response)
-                if not full.startswith(prompt_text):
-                    raise TemplateError(
-                        "the chat template is not prefix-stable: the prompt rendered with a generation prompt "
-                        "is not a prefix of prompt + response"
-                    )
-                responses.append(full[len(prompt_text):])
-        except TemplateError as e:
-            raise DataError(f"{row.where}: {e}") from None
-        return prompt_text, responses[0], responses[1]
+        sides = []
+        for key, response in ((fmt.chosen_key, chosen), (fmt.rejected_key, rejected)):
+            messages = prompt + row.drop_empty(key, response)
+            try:
+                ids, spans = chat_tokens(tok, template, messages, len(prompt), end_id)
+            except TemplateError as e:
+                raise DataError(f"{row.where}: {e}") from None
+            if not spans:
+                return None  # no assistant message in the response
+            sides.append((ids, [(spans[0][0], spans[-1][1])]))  # everything after the prompt trains
+        return sides[0], sides[1]
     keys = [k for k in (fmt.prompt_key, fmt.chosen_key, fmt.rejected_key) if k is not None]
     for key in keys:
         if not isinstance(row.field(key), str):
@@ -154,23 +139,15 @@ def record_texts(row: Row, fmt: PreferenceFormat, template: ChatTemplate | None)
     prompt = row.record[fmt.prompt_key] if fmt.prompt_key else ""
     if fmt.input_template and fmt.prompt_key:
         prompt = fmt.input_template.format(prompt)
-    return prompt, row.record[fmt.chosen_key], row.record[fmt.rejected_key]
+    return tuple(text_tokens(tok, prompt, row.record[key], end_id) for key in (fmt.chosen_key, fmt.rejected_key))
 
 
-def tokenize_pair(tokenizer: Tokenizer, prompt: str, chosen: str, rejected: str, max_len: int, eos_id: int) -> PreferencePair | None:
-    """Token ids of one pair, or None when the prompt leaves no room for a response."""
-    prompt_ids = tokenizer.encode(prompt)[:max_len]
-    if len(prompt_ids) >= max_len - 2:
+def tokenize_pair(chosen: Side, rejected: Side, max_len: int, end_id: int) -> PreferencePair | None:
+    """The pair of two (ids, span) sides, or None when the prompt leaves no room for a response."""
+    cut = [trained_example(ids, spans, max_len, end_id) for ids, spans in (chosen, rejected)]
+    if cut[0] is None or cut[1] is None:
         return None
-    sequences = []
-    for response in (chosen, rejected):
-        ids = tokenizer.encode(response.rstrip("\n"))
-        if not ids or ids[-1] != eos_id:
-            ids.append(eos_id)
-        ids = (prompt_ids + ids)[:max_len]
-        ids[-1] = eos_id  # a cut sequence still ends like a finished one
-        sequences.append(ids)
-    return PreferencePair(sequences[0], sequences[1], len(prompt_ids))
+    return PreferencePair(cut[0].input_ids, cut[1].input_ids, chosen[1][0][0])
 
 
 def end_of_turn_id(tokenizer: Tokenizer, template: ChatTemplate | None) -> int:
@@ -202,46 +179,32 @@ def build_pairs(
     eos_id = end_of_turn_id(tokenizer, template if fmt.apply_chat_template else None)
     pairs, dropped = [], Counter()
     for row in tqdm(rows, desc="tokenizing preference pairs", unit="pair", disable=not show):
-        texts = record_texts(row, fmt, template)
-        pair = None if texts is None else tokenize_pair(tokenizer, *texts, max_len=max_len, eos_id=eos_id)
+        sides = record_tokens(row, fmt, tokenizer, template, eos_id)
+        pair = None if sides is None else tokenize_pair(*sides, max_len=max_len, end_id=eos_id)
         if pair is None:
-            dropped["too_long" if texts is not None else "empty_response"] += 1
+            dropped["too_long" if sides is not None else "empty_response"] += 1
         else:
             pairs.append(pair)
     return pairs, dropped
 
 
 def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> PairBatch:
-    """Right-pad chosen and rejected sequences into one `[2B, T]` batch (chosen rows first).
-
-    Right padding needs no attention mask under a causal mask: real tokens never look at the
-    padding after them, and padding positions carry no loss.
-    """
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    prompt_lens = [p.prompt_len for p in pairs] * 2
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for b, (row, start) in enumerate(zip(rows, prompt_lens)):
-        input_ids[b, : len(row)] = torch.tensor(row)
-        response_mask[b, start : len(row)] = True
-    return PairBatch(input_ids, response_mask, torch.tensor([len(r) for r in rows]), _ref_logps(pairs))
+    """Chosen then rejected sequences, right-padded into one `[2B, T]` batch (`tokens.collate`)."""
+    return _pair_batch(collate(_examples(pairs), pad_id), pairs)
 
 
 def collate_pairs_packed(pairs: list[PreferencePair]) -> PairBatch:
-    """`--packing_samples`: chosen then rejected sequences end to end in one row (`packing.py`).
-
-    A sequence's first token is never scored (nothing of its own sequence precedes it), as
-    position 0 of a padded row.
-    """
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    starts = [max(p.prompt_len, 1) for p in pairs] * 2
-    mask = pack([[False] * start + [True] * (len(row) - start) for row, start in zip(rows, starts)])
-    lengths = [len(r) for r in rows]
-    return PairBatch(pack(rows), mask, torch.tensor(lengths), _ref_logps(pairs), PackedLayout.of(lengths))
+    """`--packing_samples`: chosen then rejected sequences end to end in one row (`tokens.collate_packed`)."""
+    return _pair_batch(collate_packed(_examples(pairs)), pairs)
 
 
-def _ref_logps(pairs: list[PreferencePair]) -> torch.Tensor | None:
-    if not all(p.ref_logps is not None for p in pairs):
-        return None
-    return torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs], dtype=torch.float32)
+def _examples(pairs: list[PreferencePair]) -> list[Example]:
+    sides = [p.examples() for p in pairs]
+    return [chosen for chosen, _ in sides] + [rejected for _, rejected in sides]
+
+
+def _pair_batch(batch: Batch, pairs: list[PreferencePair]) -> PairBatch:
+    ref = None
+    if all(p.ref_logps is not None for p in pairs):
+        ref = torch.tensor([p.ref_logps[0] for p in pairs] + [p.ref_logps[1] for p in pairs], dtype=torch.float32)
+    return PairBatch(batch.input_ids, batch.targets, batch.lengths, batch.packed, ref)

@@ -82,23 +82,23 @@ def preference_loss(
 
 
 def response_logps(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
-    packed: PackedLayout | None = None,
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, packed: PackedLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed and token-mean log-probs of each row's response tokens: two fp32 `[N]` tensors.
+    """Summed and token-mean log-probs of each sequence's targets: two fp32 `[N]` tensors.
 
-    `hidden` is the final-norm output `[N, T, H]`; token t is scored by the logits at t − 1.
-    Only response positions are projected onto the vocabulary (DPO prompts are long, replies
-    short), slice by slice (`loss.token_logprobs`), so the full logits never exist.
-    With `packed`, the rows are one packed row and the sums run over each sequence of it.
+    `hidden` is the final-norm output `[N, T, H]` and `targets` the batch's (`tokens.Batch`:
+    already shifted, IGNORE_INDEX off the responses). Only response positions are projected onto
+    the vocabulary (DPO prompts are long, replies short), slice by slice (`loss.token_logprobs`),
+    so the full logits never exist. With `packed`, the rows are one packed row and the sums run
+    over each sequence of it.
     """
-    targets = input_ids[:, 1:].masked_fill(~response_mask[:, 1:], IGNORE_INDEX)
-    token = token_logprobs(hidden[:, :-1], lm_head_weight, targets)
+    token = token_logprobs(hidden, lm_head_weight, targets)
+    trained = targets != IGNORE_INDEX
     if packed is None:
-        sums, counts = token.sum(dim=1), response_mask[:, 1:].sum(dim=1)
+        sums, counts = token.sum(dim=1), trained.sum(dim=1)
     else:
-        sequence = packed.sequence_ids()[1:]  # token t + 1 is scored at t
+        sequence = packed.sequence_ids()
         zeros = torch.zeros(len(packed.cu_seqlens) - 1, device=token.device)
         sums = zeros.index_add(0, sequence, token[0])
-        counts = zeros.index_add(0, sequence, response_mask[0, 1:].float())
+        counts = zeros.index_add(0, sequence, trained[0].float())
     return sums, sums / counts.clamp(min=1)

@@ -8,7 +8,8 @@ the row holds only real tokens. Three things keep the result equal to the padded
 - attention never crosses sequences: the model takes `cu_seqlens` (the sequences' start offsets)
   and attends within each (flash-attn's variable-length kernel on CUDA when installed, causal
   attention sequence by sequence otherwise);
-- no target crosses sequences: a sequence's last token predicts nothing, as in its padded row.
+- no target crosses sequences: each sequence is shifted into targets on its own (`tokens.shift`),
+  so its last token predicts nothing, as in its padded row.
 
 The loss is then the same token mean over the same targets, so the update is the padded one too
 (up to float summation order).

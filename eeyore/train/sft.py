@@ -1,7 +1,7 @@
 """Supervised fine-tuning: `torchrun --nproc_per_node=N -m eeyore.train.sft` (or plain `python -m`).
 
 The reference's OpenRLHF command runs as is with only the launcher replaced. Records become
-token ids and next-token targets:
+`tokens.Example`s (ids and labels, made as DPO makes its pairs: `tokens.py` holds the convention):
 
 - chat records (`--apply_chat_template`): with `--multiturn` every assistant turn's content and
   end-of-turn token are targets; without it only the final assistant turn. Messages after the
@@ -13,8 +13,9 @@ token ids and next-token targets:
   (a target when it falls inside an assistant turn); records whose prompt (everything before the
   last trained turn) has >= max_len - 2 tokens are dropped and counted.
 
-The loss of a micro-batch is the mean NLL over its target tokens (fp32 log-softmax, computed in
-row slices by `loss.cross_entropy_sum`); the step averages micro-batches and ranks, as OpenRLHF.
+The loss of a micro-batch is the mean NLL over its targets (the labels shifted once, by
+`tokens.collate`; fp32 log-softmax, computed in row slices by `loss.cross_entropy_sum`); the
+step averages micro-batches and ranks, as OpenRLHF.
 """
 from __future__ import annotations
 
@@ -25,15 +26,16 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from eeyore.model.chat import ChatTemplate, TemplateError, tokenize_conversation
+from eeyore.model.chat import ChatTemplate, TemplateError
 from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.fastpath import speed_up
 
 from .config import TrainConfig, flag, recipe_default
 from .data import DataError, Row, data_warnings
 from .flags import parse_config, refuse
-from .loss import IGNORE_INDEX, cross_entropy_sum
-from .packing import PackedLayout, model_inputs, pack
+from .loss import cross_entropy_sum
+from .packing import model_inputs
+from .tokens import Batch, Example, Spans, chat_tokens, collate, collate_packed, text_tokens, trained_example
 from .mixing import load_mixture
 from .parallel import launch, load_sharded
 from .trainer import Trainer, lora_spec, start_run
@@ -52,25 +54,6 @@ class SFTFormat:
     pretrain_mode: bool = False  # every token is a target
 
 
-@dataclass
-class SFTExample:
-    input_ids: list[int]
-    labels: list[int]  # labels[i] = input_ids[i] where token i is a target, else IGNORE_INDEX
-    truncated: bool = False
-
-
-@dataclass
-class SFTBatch:
-    input_ids: torch.Tensor  # [B, T] right-padded, or [1, S] packed
-    targets: torch.Tensor  # same shape: the token each position must predict, IGNORE_INDEX where none
-    tokens: int  # real tokens, for throughput
-    packed: PackedLayout | None = None  # where the sequences of a packed row lie
-
-    def to(self, device: torch.device | str) -> "SFTBatch":
-        packed = None if self.packed is None else self.packed.to(device)
-        return SFTBatch(self.input_ids.to(device), self.targets.to(device), self.tokens, packed)
-
-
 def _conversation(row: Row, fmt: SFTFormat) -> tuple[list[dict[str, str]], int]:
     """The messages of a chat record and how many of them form the prompt of `--output_key`."""
     prompt = row.chat(fmt.input_key, "user")
@@ -79,64 +62,46 @@ def _conversation(row: Row, fmt: SFTFormat) -> tuple[list[dict[str, str]], int]:
     return prompt + row.chat(fmt.output_key, "assistant"), len(prompt)
 
 
-def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
-    """Ids up to the end of the last assistant turn and the spans to train; None if there is none."""
+def _chat_tokens(row: Row, tok: Tokenizer, chat: ChatTemplate, fmt: SFTFormat) -> tuple[list[int], Spans] | None:
+    """Ids and the spans to train (`tokens.chat_tokens`); None without an assistant turn to train."""
     messages, prompt_len = _conversation(row, fmt)
+    # the first message whose assistant turns train: with --multiturn all of them; else only the
+    # response: the turns after the prompt of --output_key, or the last turn
+    first = prompt_len or max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
+    if fmt.multiturn:
+        first = 0
     try:
-        ids, spans = tokenize_conversation(tok, messages, chat)
+        ids, spans = chat_tokens(tok, chat, messages, first, tok.eos_ids[0])
     except TemplateError as exc:
         raise DataError(f"{row.where}: field {fmt.input_key!r}: {exc}") from None
-    if not fmt.multiturn:  # only the response: the turns after the prompt, else the last turn
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        spans = [s for i, s in zip(turns, spans) if i >= prompt_len] if prompt_len else spans[-1:]
-    if not spans:
-        return None
-    # Stop where the last trained turn ends: what a template writes after it (ChatML's newline)
-    # is never generated, as OpenRLHF's rstrip of the text.
-    return ids[: spans[-1][1]], spans
+    return (ids, spans) if spans else None
 
 
-def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], list[tuple[int, int]]] | None:
-    """Ids and trained spans of a plain-text record; None for an empty response."""
+def _text_tokens(row: Row, tok: Tokenizer, fmt: SFTFormat) -> tuple[list[int], Spans] | None:
+    """Ids and trained span of a plain-text record (`tokens.text_tokens`); None for an empty response."""
     if fmt.output_key is None and fmt.pretrain_mode:  # one text, all of it trained
-        ids = tok.encode(row.text(fmt.input_key).rstrip("\n"))
-        return ids + [tok.eos_ids[0]] * (not ids or ids[-1] != tok.eos_ids[0]), [(0, len(ids) + 1)]
+        return text_tokens(tok, "", row.text(fmt.input_key), tok.eos_ids[0])
     if fmt.output_key is None:
         raise DataError(f"{row.where}: plain-text records need --output_key (or use --apply_chat_template for messages)")
     text = row.text(fmt.input_key)
-    prompt = tok.encode(fmt.input_template.format(text) if fmt.input_template else text)
-    response_text = row.text(fmt.output_key)
-    if not response_text.strip():
+    response = row.text(fmt.output_key)
+    if not response.strip():
         return None
-    response = tok.encode(response_text.rstrip("\n"))
-    if not response or response[-1] != tok.eos_ids[0]:
-        response.append(tok.eos_ids[0])
-    return prompt + response, [(len(prompt), len(prompt) + len(response))]
+    return text_tokens(tok, fmt.input_template.format(text) if fmt.input_template else text, response, tok.eos_ids[0])
 
 
-def make_example(row: Row, tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat) -> SFTExample | str:
+def make_example(row: Row, tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat) -> Example | str:
     """The example of one record, or why it is left out ("no_assistant" / "empty_response" / "too_long")."""
     made = _chat_tokens(row, tok, chat, fmt) if chat is not None else _text_tokens(row, tok, fmt)
     if made is None:
         return "no_assistant" if chat is not None else "empty_response"
     ids, spans = made
     if fmt.pretrain_mode:
-        spans = [(0, len(ids))]
-    if spans[-1][0] >= fmt.max_len - 2:  # the prompt of the last trained turn leaves no room
-        return "too_long"
-    labels = [IGNORE_INDEX] * len(ids)
-    for start, end in spans:
-        labels[start:end] = ids[start:end]
-    if len(ids) <= fmt.max_len:
-        return SFTExample(ids, labels)
-    ids, labels = ids[: fmt.max_len], labels[: fmt.max_len]
-    ids[-1] = tok.eos_ids[0]  # a cut sequence still ends like a finished one
-    if labels[-1] != IGNORE_INDEX:
-        labels[-1] = ids[-1]
-    return SFTExample(ids, labels, truncated=True)
+        spans = [(0, spans[-1][1])]
+    return trained_example(ids, spans, fmt.max_len, tok.eos_ids[0]) or "too_long"
 
 
-def build_examples(rows: Sequence[Row], tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat, desc: str, show: bool = True) -> tuple[list[SFTExample], Counter]:
+def build_examples(rows: Sequence[Row], tok: Tokenizer, chat: ChatTemplate | None, fmt: SFTFormat, desc: str, show: bool = True) -> tuple[list[Example], Counter]:
     """Tokenize every row; the counter tells how many were dropped and why, and how many were cut."""
     examples, counts = [], Counter()
     for row in tqdm(rows, desc=f"tokenizing {desc}", unit="record", disable=not show):
@@ -149,26 +114,7 @@ def build_examples(rows: Sequence[Row], tok: Tokenizer, chat: ChatTemplate | Non
     return examples, counts
 
 
-def collate(examples: Sequence[SFTExample], pad_id: int) -> SFTBatch:
-    """Right-pad; the target of position t is label t + 1 (causal attention needs no padding mask)."""
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for b, e in enumerate(examples):
-        input_ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        targets[b, : len(e.labels) - 1] = torch.tensor(e.labels[1:])
-    return SFTBatch(input_ids, targets, sum(len(e.input_ids) for e in examples))
-
-
-def collate_packed(examples: Sequence[SFTExample]) -> SFTBatch:
-    """`--packing_samples`: every example in one row (`packing.py`); the targets are `collate`'s,
-    and each example's last token predicts nothing, so no target crosses into the next example."""
-    input_ids = pack([e.input_ids for e in examples])
-    targets = pack([e.labels[1:] + [IGNORE_INDEX] for e in examples])
-    return SFTBatch(input_ids, targets, input_ids.shape[1], PackedLayout.of([len(e.input_ids) for e in examples]))
-
-
-def sft_loss(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def sft_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean NLL over the micro-batch's target tokens; logits exist only one row slice at a time."""
     hidden = model.hidden_states(batch.input_ids, **model_inputs(batch.packed))
     total, count = cross_entropy_sum(hidden, model.lm_head.weight, batch.targets)
@@ -179,10 +125,10 @@ class SFTRecipe:
     def __init__(self, pad_id: int, packing: bool = False) -> None:
         self.pad_id, self.packing = pad_id, packing
 
-    def collate(self, examples: list[SFTExample]) -> SFTBatch:
+    def collate(self, examples: list[Example]) -> Batch:
         return collate_packed(examples) if self.packing else collate(examples, self.pad_id)
 
-    def loss(self, model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return sft_loss(model, batch)
 
 
@@ -216,7 +162,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SFTConfig:
     return config
 
 
-def _load(specs: str, split: str, probs: str | None, cfg: SFTConfig, tok: Tokenizer, chat: ChatTemplate | None, show: bool) -> list[SFTExample]:
+def _load(specs: str, split: str, probs: str | None, cfg: SFTConfig, tok: Tokenizer, chat: ChatTemplate | None, show: bool) -> list[Example]:
     rows = load_mixture(specs, probs, split, cfg.max_samples, cfg.seed)
     fmt = cfg.data_format()
     examples, counts = build_examples(rows, tok, chat, fmt, specs, show)
