@@ -3,6 +3,7 @@ uses the project's real server instead)."""
 from __future__ import annotations
 
 import inspect
+import json
 from typing import Any, Callable
 
 from aiohttp import web
@@ -18,7 +19,9 @@ class FakeEndpoint:
     """`async with FakeEndpoint(respond) as ep:` serves POST {ep.base_url}/chat/completions.
 
     respond(body) returns the reply text, or (status, error message) to fail the request; it may
-    be a coroutine function (to hold a request back). Every request body is kept in ep.requests (and its headers in ep.headers)."""
+    be a coroutine function (to hold a request back). A request with "stream": true gets the text
+    as server-sent events, or, when respond returns a list, one event per item (a string is a
+    delta, a dict is sent as it is). Every request body is kept in ep.requests (and its headers in ep.headers)."""
 
     def __init__(self, respond: Callable[[dict[str, Any]], str | tuple[int, str]]):
         self.respond = respond
@@ -36,7 +39,19 @@ class FakeEndpoint:
             status, message = out
             return web.json_response({"error": {"message": message, "type": "fake", "param": None, "code": None}},
                                      status=status)
+        if body.get("stream"):
+            return await self._stream(request, out if isinstance(out, list) else [out[i:i + 3] for i in range(0, len(out), 3)])
         return web.json_response(completion(out, body.get("model", "fake")))
+
+    async def _stream(self, request: web.Request, events: list) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        for ev in [*events, finish]:
+            data = ev if isinstance(ev, dict) else {"choices": [{"index": 0, "delta": {"content": ev}, "finish_reason": None}]}
+            await resp.write(f"data: {json.dumps(data)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
 
     async def __aenter__(self) -> "FakeEndpoint":
         app = web.Application()

@@ -154,7 +154,7 @@ def test_endpoint_errors_end_with_one_line_and_the_transcript(scripted, tmp_path
 
     refused = scripted(lambda body: [("http", 400, "the context length is 512 tokens")])
     r = chat(["--base-url", refused.url, "--out", str(out)], "hi\n")
-    assert r.returncode == 1 and "answered HTTP 400: the context length is 512 tokens" in r.stderr
+    assert r.returncode == 1 and "refused the request: HTTP 400: the context length is 512 tokens" in r.stderr
 
 
 @pytest.mark.parametrize("when", ["at the prompt", "mid-reply"])

@@ -68,6 +68,9 @@ def help_text(module: str) -> str:
     proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert proc.returncode == 0, f"`python -m {module} --help` failed: {proc.stderr[-1500:]}"
+    # runpy's "found in sys.modules after import of package" warning: the package's __init__
+    # imports the module it is asked to run, so its top level ran twice
+    assert "RuntimeWarning" not in proc.stderr, f"`python -m {module} --help` warns: {proc.stderr[-1500:]}"
     return proc.stdout
 
 
@@ -92,6 +95,14 @@ def test_the_parser_finds_modules_and_flags():
     argv = commands(block)
     assert project_module(argv[0]) == ("eeyore.train.sft", ["--bf16", "--max_len", "4096"])
     assert project_module(argv[1]) is None
+
+
+DOCUMENTED_MODULES = sorted({found[0] for c in CASES for argv in commands(c.values[2]) if (found := project_module(argv))})
+
+
+@pytest.mark.parametrize("module", DOCUMENTED_MODULES)
+def test_documented_module_runs_without_warnings(module):
+    help_text(module)
 
 
 @pytest.mark.parametrize("path,line,block,runnable", CASES)

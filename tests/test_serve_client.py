@@ -97,3 +97,83 @@ def test_unreachable_endpoint_is_reported():
                 await c.chat(MESSAGES)
 
     asyncio.run(go())
+
+
+# ---------------------------------------------------------------------------- streaming
+
+
+def test_stream_request_matches_the_official_openai_client():
+    openai = pytest.importorskip("openai")
+    extra = {"sequence_bias": [[[7], -4.0]], "exponential_decay_length_penalty": [0, 1.01]}
+
+    async def go():
+        async with FakeEndpoint(lambda body: "hello there, counsellor") as ep:
+            async with ChatClient(ep.base_url, "m", api_key="sk-test") as ours:
+                reply = ours.stream(MESSAGES, Sampling(temperature=1.0, top_p=0.8, max_tokens=32, seed=5), extra)
+                deltas = [d async for d in reply]
+            theirs = openai.AsyncOpenAI(base_url=ep.base_url, api_key="sk-test", max_retries=0)
+            chunks = await theirs.chat.completions.create(model="m", messages=MESSAGES, temperature=1.0, top_p=0.8,
+                                                          max_tokens=32, seed=5, stream=True, extra_body=extra)
+            their_deltas, their_finish = [], None
+            async for chunk in chunks:
+                their_deltas += [chunk.choices[0].delta.content] if chunk.choices[0].delta.content else []
+                their_finish = chunk.choices[0].finish_reason or their_finish
+            await theirs.close()
+            return deltas, reply.finish_reason, their_deltas, their_finish, ep.requests
+
+    deltas, finish, their_deltas, their_finish, (ours, theirs) = asyncio.run(go())
+    assert deltas == their_deltas == ["hel", "lo ", "the", "re,", " co", "uns", "ell", "or"]
+    assert finish == their_finish == "stop"
+    assert ours == theirs and ours["stream"] is True and ours["sequence_bias"] == [[[7], -4.0]]
+
+
+def test_stream_from_our_server_equals_the_official_client_and_the_whole_reply(tiny_ckpt):
+    from serve_fixtures import LiveServer
+
+    from eeyore.serve.engine import Engine
+
+    server = LiveServer(lambda: Engine.from_pretrained(tiny_ckpt, max_batch_size=4, max_model_len=256))
+    greedy = Sampling(temperature=0.0, max_tokens=12)
+    try:
+        async def ours():
+            async with ChatClient(server.url + "/v1", "tiny") as c:
+                reply = c.stream(MESSAGES, greedy)
+                deltas = [d async for d in reply]
+                return deltas, reply.finish_reason, await c.chat(MESSAGES, greedy), c.requests, await c.models()
+
+        deltas, finish, whole, requests, models = asyncio.run(ours())
+        chunks = server.client().chat.completions.create(model="tiny", messages=MESSAGES, temperature=0.0,
+                                                         max_tokens=12, stream=True)
+        theirs = [(c.choices[0].delta.content or "", c.choices[0].finish_reason) for c in chunks if c.choices]
+    finally:
+        server.close()
+    assert "".join(deltas) == "".join(t for t, _ in theirs) == whole and len(deltas) > 1
+    assert finish == [f for _, f in theirs if f][-1] == "length"
+    assert requests == 2 and models == ["tiny"]
+
+
+def test_stream_errors_are_one_line_endpoint_errors():
+    async def go(respond, **kw):
+        async with FakeEndpoint(respond) as ep, ChatClient(ep.base_url, "m", backoff_s=0.001, **kw) as c:
+            got = []
+            with pytest.raises(EndpointError) as err:
+                async for d in c.stream(MESSAGES):
+                    got.append(d)
+            return got, err.value, len(ep.requests)
+
+    got, err, n = asyncio.run(go(lambda body: ["Well, ", {"error": {"message": "the model failed: out of memory"}}]))
+    assert got == ["Well, "] and n == 1  # nothing is retried once text has arrived
+    assert str(err).endswith("reported an error mid-reply: the model failed: out of memory") and "\n" not in str(err)
+    got, err, n = asyncio.run(go(lambda body: (400, "the context length is 512 tokens")))
+    assert (got, err.status, n) == ([], 400, 1) and "refused the request: HTTP 400: the context length" in str(err)
+    got, err, n = asyncio.run(go(lambda body: (503, "loading"), retries=1))
+    assert (got, n) == ([], 2) and "failed after 2 attempts; last error: HTTP 503: loading" in str(err)
+
+
+def test_an_unreachable_models_list_is_one_error():
+    async def go(url):
+        async with ChatClient(url, "x", retries=0) as c:
+            return await c.models()
+
+    with pytest.raises(EndpointError, match="cannot reach http://127.0.0.1:9/v1/models"):
+        asyncio.run(go("http://127.0.0.1:9/v1"))

@@ -12,6 +12,8 @@
 - eot_probability.png: the probability that the embedded model ends its turn at each length of
   a fixed reply, under the sampler's processors with and without the reference's end-of-turn bias and
   exponential decay (`eeyore.serve.sampler`).
+- timeline.png: which request holds which KV-cache slot at each step of a real engine run on the
+  embedded model (`batching_timeline.py`, over the engine's `trace` hook).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from eeyore.model.llama import rope_inverse_frequencies  # noqa: E402
 from eeyore.model.pretrained import resolve_model_dir  # noqa: E402
 from eeyore.serve.params import SamplingParams  # noqa: E402
 from eeyore.serve.sampler import add_sequence_bias_, bias_table, decay_boost, decay_length_penalty_, truncate  # noqa: E402
+
+from batching_timeline import embedded_trace, plot_timeline  # noqa: E402  (next to this file)
 
 CONVERSATION = [
     {"role": "system", "content": "You will act as a help-seeker ... YOUR PROFILE: ... YOUR TASK: ..."},
@@ -228,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         page.write_text(fresh)
     plot_rope(out / "rope_scaling.png")
     plot_end_of_turn(out / "eot_probability.png")
+    plot_timeline(embedded_trace(), out / "timeline.png")
     print(f"figures in {out}")
     return 0
 

@@ -10,12 +10,11 @@ its own request.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
+from eeyore.serve.client import ChatClient, EndpointError, Sampling
 
 
 class ChatError(RuntimeError):
@@ -107,90 +106,47 @@ class EngineBackend:
 
 
 class HTTPBackend:
-    """Any OpenAI-compatible `/v1/chat/completions` endpoint, streamed (server-sent events)."""
+    """Any OpenAI-compatible `/v1/chat/completions` endpoint, streamed through the project's
+    client (`eeyore.serve.client.ChatClient`)."""
 
     def __init__(self, base_url: str, api_key: str | None = None, model_name: str | None = None,
                  plain: bool = False, timeout_s: float = 600.0) -> None:
-        self.base = base_url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.model_name, self.plain = model_name, plain
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self.session: aiohttp.ClientSession | None = None
+        # A person is waiting: one quick retry, not the evaluator's patient backoff.
+        self.client = ChatClient(base_url, model_name or "", api_key, max_connections=2, retries=1, backoff_s=0.5,
+                                 timeout_s=timeout_s)
         self.finish_reason: str | None = None
 
     async def open(self) -> None:
         """Connect, and take the served model's name from `/models` when none was given."""
-        self.session = aiohttp.ClientSession(timeout=self.timeout, headers=self.headers)
         if self.model_name is None:
             try:
-                async with self.session.get(self.base + "/models") as resp:
-                    data = await resp.json(content_type=None) if resp.status == 200 else {}
-                self.model_name = data["data"][0]["id"]
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise ChatError(f"cannot reach {self.base}: {exc or type(exc).__name__}") from None
-            except (ValueError, KeyError, IndexError, TypeError):
-                self.model_name = "eeyore"  # a server without a usable /models: any name it accepts
+                names = await self.client.models()
+            except EndpointError as exc:
+                raise ChatError(str(exc)) from None
+            self.model_name = names[0] if names else "eeyore"  # no usable /models: any name it accepts
+            self.client.model = self.model_name
 
-    def body(self, messages: list[dict[str, str]], s: ChatSampling, turn: int) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model_name, "messages": messages, "stream": True,
-                                "temperature": s.temperature, "top_p": s.top_p}
-        if s.max_tokens is not None:
-            body["max_tokens"] = s.max_tokens
-        if s.seed is not None:
-            body["seed"] = s.seed + turn
+    def request(self, s: ChatSampling, turn: int) -> tuple[Any, dict[str, Any]]:
+        """(the OpenAI sampling fields, the extra fields) of turn `turn`'s request."""
+        sampling = Sampling(s.temperature, s.top_p, s.max_tokens, None if s.seed is None else s.seed + turn)
+        extra: dict[str, Any] = {}
         if not self.plain:  # the project's server (like the reference's) accepts transformers' fields
             if s.decay:
-                body["exponential_decay_length_penalty"] = list(s.decay)
+                extra["exponential_decay_length_penalty"] = list(s.decay)
             if s.eot_ids and s.eot_bias:
-                body["sequence_bias"] = [[list(k), b] for k, b in s.sequence_bias(s.eot_ids)]
-        return body
+                extra["sequence_bias"] = [[list(k), b] for k, b in s.sequence_bias(s.eot_ids)]
+        return sampling, extra
 
     async def stream(self, messages: list[dict[str, str]], s: ChatSampling, turn: int) -> AsyncIterator[str]:
-        assert self.session is not None, "open() first"
-        url = self.base + "/chat/completions"
         self.finish_reason = None
+        reply = self.client.stream(messages, *self.request(s, turn))
         try:
-            async with self.session.post(url, json=self.body(messages, s, turn)) as resp:
-                if resp.status != 200:
-                    raise ChatError(f"{url} answered HTTP {resp.status}: {_error_message(await resp.text())}")
-                async for raw in resp.content:
-                    event = _event(raw, url)
-                    if event is None:
-                        continue
-                    if event == "[DONE]":
-                        return
-                    for choice in event.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield text
-                        self.finish_reason = choice.get("finish_reason") or self.finish_reason
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise ChatError(f"lost {url}: {exc or type(exc).__name__}") from None
+            async for text in reply:
+                yield text
+        except EndpointError as exc:
+            raise ChatError(str(exc)) from None
+        self.finish_reason = reply.finish_reason
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-
-
-def _event(raw: bytes, url: str) -> Any:
-    """One server-sent-event line: None (not data), "[DONE]", or the decoded chunk."""
-    line = raw.decode("utf-8", "replace").strip()
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if data == "[DONE]":
-        return data
-    try:
-        event = json.loads(data)
-    except ValueError:
-        raise ChatError(f"{url} sent an event that is not JSON: {data[:200]!r}") from None
-    if isinstance(event, dict) and "error" in event:
-        raise ChatError(f"{url} reported an error mid-reply: {_error_message(json.dumps(event))}")
-    return event if isinstance(event, dict) else None
-
-
-def _error_message(text: str) -> str:
-    try:
-        return str(json.loads(text)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return text[:300]
+        await self.client.close()

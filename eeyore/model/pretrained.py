@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .config import LlamaConfig
-from .convert import ensure_default_model
 from .lookup import find_model_dir
 from .weights import load_state_dict
 
@@ -27,7 +26,14 @@ EMBEDDINGS = "model.embed_tokens.weight"
 def resolve_model_dir(name_or_path: str | Path | None) -> Path:
     """A checkpoint folder: a local folder, a hub id in the local HF cache, or None for the
     embedded default model (converted from its GGUF file the first time)."""
-    return ensure_default_model() if name_or_path is None else find_model_dir(name_or_path)
+    if name_or_path is not None:
+        return find_model_dir(name_or_path)
+    # Imported here, not at the top: `llama.py` imports this module, so a top-level import would
+    # load `convert` with the package and `python -m eeyore.model.convert` would warn that it ran
+    # a module already imported.
+    from .convert import ensure_default_model
+
+    return ensure_default_model()
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

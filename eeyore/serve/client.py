@@ -1,15 +1,18 @@
 """A small async client for OpenAI-compatible `/v1/chat/completions` endpoints, on aiohttp.
 
 The other side of the protocol this package serves: the evaluator and the data-building tools
-talk through it to the project's server, vLLM, llama.cpp's server or OpenAI alike. Transient failures
-(connection errors, timeouts, 408/409/429 and 5xx) are retried with exponential backoff and
-jitter, honouring `Retry-After`; any other HTTP error is raised at once with the server's message.
+talk through it to the project's server, vLLM, llama.cpp's server or OpenAI alike, and the chat
+command and the studio stream replies through it. Transient failures (connection errors,
+timeouts, 408/409/429 and 5xx) are retried with exponential backoff and jitter, honouring
+`Retry-After`; any other HTTP error is raised at once with the server's message. A streamed reply
+is retried only until its first byte: after that a failure ends it with an `EndpointError`.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import random
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +38,15 @@ class Sampling:
     temperature: float | None = None
     top_p: float | None = None
     max_tokens: int | None = None
+    seed: int | None = None
 
     def payload(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
 class ChatClient:
-    """`await client.chat(messages, sampling)` -> the reply text of the first choice."""
+    """`await client.chat(messages, sampling)` -> the reply text of the first choice;
+    `client.stream(messages, sampling)` -> the same reply as it is generated (`ChatStream`)."""
 
     def __init__(
         self,
@@ -90,18 +95,53 @@ class ChatClient:
         body = {"model": self.model, "messages": messages, **(sampling or Sampling()).payload()}
         if response_format is not None:
             body["response_format"] = response_format
+        resp = await self._open(body)
+        try:
+            text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise EndpointError(f"{self.url} broke off its answer: {e or type(e).__name__}") from None
+        finally:
+            resp.release()
+        return self._reply_text(text)
+
+    def stream(self, messages: list[dict[str, str]], sampling: Sampling | None = None,
+               extra_body: dict[str, Any] | None = None) -> "ChatStream":
+        """The first choice's reply as text deltas, streamed (server-sent events): `async for`
+        over the result; its `finish_reason` is set once the deltas end. `extra_body` adds fields
+        past OpenAI's (the project's server and vLLM take transformers' `sequence_bias`, ...), as
+        the official client's argument of that name does."""
+        body = {"model": self.model, "messages": messages, **(sampling or Sampling()).payload(), "stream": True,
+                **(extra_body or {})}
+        return ChatStream(self, body)
+
+    async def models(self) -> list[str]:
+        """The model ids the endpoint's `/models` lists (none when it has no usable list); one
+        attempt, so that a wrong URL is reported at once."""
+        url = self.url.removesuffix("/chat/completions") + "/models"
+        try:
+            async with self._http().get(url, headers=self.headers) as resp:
+                data = await resp.json(content_type=None) if resp.status == 200 else {}
+            return [str(m["id"]) for m in data["data"]]
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise EndpointError(f"cannot reach {url}: {e or type(e).__name__}") from None
+        except (ValueError, KeyError, IndexError, TypeError):
+            return []
+
+    async def _open(self, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST `body` until the endpoint answers 200, retrying transient failures; the caller
+        reads the open response and releases it."""
         last = "no attempt made"
         for attempt in range(self.retries + 1):
             delay = self.backoff_s * 2**attempt * (0.5 + random.random())
             try:
-                async with self._http().post(self.url, json=body, headers=self.headers) as resp:
-                    text = await resp.text()
-                    if resp.status == 200:
-                        return self._reply_text(text)
-                    last = f"HTTP {resp.status}: {_error_message(text)}"
-                    if resp.status not in RETRY_STATUS:
-                        raise EndpointError(f"{self.url} refused the request: {last}", resp.status)
-                    delay = max(delay, _retry_after(resp.headers.get("Retry-After")))
+                resp = await self._http().post(self.url, json=body, headers=self.headers)
+                if resp.status == 200:
+                    return resp
+                async with resp:
+                    last = f"HTTP {resp.status}: {_error_message(await resp.text())}"
+                if resp.status not in RETRY_STATUS:
+                    raise EndpointError(f"{self.url} refused the request: {last}", resp.status)
+                delay = max(delay, _retry_after(resp.headers.get("Retry-After")))
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 last = f"{type(e).__name__}: {e}"
             if attempt < self.retries:
@@ -117,6 +157,60 @@ class ChatClient:
         self.requests += 1
         self.completion_tokens += int((data.get("usage") or {}).get("completion_tokens") or 0)
         return message.get("content") or ""
+
+
+class ChatStream:
+    """One streamed reply: `async for text in stream` gives the first choice's text deltas;
+    `finish_reason` ("stop", "length", ...) is set when they end. Leaving the loop early closes
+    the connection, which cancels the request on servers that notice (the project's does)."""
+
+    def __init__(self, client: ChatClient, body: dict[str, Any]) -> None:
+        self.client, self.body = client, body
+        self.finish_reason: str | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[str]:
+        url = self.client.url
+        resp = await self.client._open(self.body)
+        try:
+            async for raw in resp.content:
+                event = _event(raw, url)
+                if event is None:
+                    continue
+                if event == "[DONE]":
+                    break
+                for choice in event.get("choices") or []:
+                    if choice.get("index", 0) != 0:
+                        continue
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield text
+                    self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                self.client.completion_tokens += int((event.get("usage") or {}).get("completion_tokens") or 0)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise EndpointError(f"{url} broke off the reply: {e or type(e).__name__}") from None
+        finally:
+            resp.close()  # a no-op after the whole stream was read; otherwise it drops the connection
+        self.client.requests += 1
+
+
+def _event(raw: bytes, url: str) -> Any:
+    """One server-sent-event line: None (not data), "[DONE]", or the decoded chunk."""
+    line = raw.decode("utf-8", "replace").strip()
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return data
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise EndpointError(f"{url} sent an event that is not JSON: {data[:200]!r}") from None
+    if isinstance(event, dict) and "error" in event:
+        raise EndpointError(f"{url} reported an error mid-reply: {_error_message(data)}")
+    return event if isinstance(event, dict) else None
 
 
 def _error_message(text: str) -> str:

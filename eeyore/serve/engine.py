@@ -40,7 +40,7 @@ from eeyore.model.pretrained import resolve_model_dir
 from . import offline
 from .memory import plan_cache
 from .params import SamplingParams, checkpoint_defaults, eos_ids_of, layered_defaults
-from .request import Completion, ContextLengthError, EngineClosed, InvalidRequest, Output, Request
+from .request import Completion, ContextLengthError, EngineClosed, InvalidRequest, Output, Request, TraceRow
 from .sampler import Sampler
 from .scheduler import Scheduler
 from .text import TextStream
@@ -86,6 +86,10 @@ class Engine:
         self.fast_path = fast_path
         self.decode_logits: DecodeStep = DecodeStep(model)
         self._ids = itertools.count()
+        # Opt-in record of the schedule (the guide's timeline, the scheduler's tests): called on the
+        # worker thread with one TraceRow per row of every forward. None costs one test per forward.
+        self.trace: Callable[[TraceRow], None] | None = None
+        self.step = 0  # iterations of the step loop that had work
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -252,6 +256,7 @@ class Engine:
             return
         with torch.inference_mode():
             while self._wait_for_work():
+                self.step += 1
                 self.scheduler.drop_cancelled()
                 self._prefill()
                 if self.scheduler.running:
@@ -291,6 +296,10 @@ class Engine:
             except Exception as exc:  # these prompts failed; the running rows are untouched
                 _fail(s.drop_prefilling([r for r, _ in work]), f"prefill failed: {type(exc).__name__}: {exc}")
                 continue
+            if self.trace is not None:
+                n = len(s.running)
+                for j, (req, todo) in enumerate(work):
+                    self.trace(TraceRow(self.step, n + j, req.id, "prefill", todo))
             for req, todo in work:
                 req.prefilled += todo
                 if req.prefilled == len(req.prompt) - 1:
@@ -321,6 +330,9 @@ class Engine:
         except Exception as exc:  # the model itself failed: no row can be told apart
             _fail(s.take_all(waiting=False), f"{type(exc).__name__}: {exc}")
             return
+        if self.trace is not None:
+            for i, req in enumerate(running):
+                self.trace(TraceRow(self.step, i, req.id, "decode", 1))
         try:
             sampled = self.sampler(logits)
         except Exception:  # some row's parameters broke the batched call: find it, keep the others

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -69,6 +70,17 @@ class Completion:
         self.top_logprobs += out.top_logprobs
         self.finish_reason = out.finish_reason
         self.prompt_tokens = out.prompt_tokens
+
+
+class TraceRow(NamedTuple):
+    """One row of one forward: at loop iteration `step`, KV-cache slot `slot` computed `tokens`
+    tokens of request `request` (its id) in `phase` "prefill" or "decode"."""
+
+    step: int
+    slot: int
+    request: int
+    phase: str
+    tokens: int
 
 
 class Request:

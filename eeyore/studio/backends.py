@@ -7,13 +7,11 @@ which the pages show and let the trainee change per session.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import aiohttp
-
+from eeyore.serve.client import ChatClient, Sampling
 from eeyore.serve.engine import Engine
 from eeyore.serve.params import parse_sequence_bias
 from eeyore.train.dpo_data import end_of_turn_id
@@ -109,12 +107,13 @@ class EngineBackend:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible server's streaming chat completions under `base_url` (…/v1)."""
+    """Any OpenAI-compatible server's streaming chat completions under `base_url` (…/v1), through
+    the project's client (`eeyore.serve.client.ChatClient`)."""
 
     def __init__(self, base_url: str, model: str | None, api_key: str | None) -> None:
-        self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
-        self.label = base_url
-        self.session: aiohttp.ClientSession | None = None
+        self.model, self.label = model, base_url
+        # Trainees are waiting: one quick retry; a reply may take a while on a busy server.
+        self.client = ChatClient(base_url, model or "", api_key, retries=1, backoff_s=0.5, timeout_s=900.0)
 
     def load(self) -> None:
         pass
@@ -128,37 +127,17 @@ class OpenAIBackend:
                 "exponential_decay_length_penalty": list(DECAY)}
 
     async def stream(self, messages: list[dict[str, str]], settings: dict[str, Any]) -> AsyncIterator[str]:
-        body: dict[str, Any] = {"messages": messages, "stream": True, "temperature": settings["temperature"],
-                                "top_p": settings["top_p"], "max_tokens": settings["max_tokens"]}
-        if self.model:
-            body["model"] = self.model
-        for key in ("sequence_bias", "exponential_decay_length_penalty"):  # vLLM-style extensions
-            if settings[key]:
-                body[key] = settings[key]
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        if self.session is None or self.session.closed:
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=300))
-        async with self.session.post(f"{self.base_url}/chat/completions", json=body, headers=headers) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"{self.base_url} answered {resp.status}: {(await resp.text())[:300]}")
-            async for raw in resp.content:
-                line = raw.decode("utf-8").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    return
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise RuntimeError(f"{self.base_url}: {chunk['error'].get('message', chunk['error'])}")
-                for choice in chunk.get("choices", []):
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        yield text
+        if self.model is None:  # the served model's name, asked once
+            names = await self.client.models()
+            self.model = self.client.model = names[0] if names else "eeyore"
+        sampling = Sampling(settings["temperature"], settings["top_p"], settings["max_tokens"])
+        extra = {key: settings[key] for key in ("sequence_bias", "exponential_decay_length_penalty")
+                 if settings[key]}  # vLLM-style extensions, sent only when set
+        async for text in self.client.stream(messages, sampling, extra):
+            yield text
 
     async def aclose(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        await self.client.close()
 
 
 async def complete(backend: EngineBackend | OpenAIBackend, messages: list[dict[str, str]], settings: dict[str, Any]) -> str:
