@@ -68,6 +68,12 @@ def add_sequence_bias_(logits: torch.Tensor, tables: list[dict[tuple[int, ...], 
         logits.view(-1).index_add_(0, where, total)
 
 
+def allow_guided_(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
+    """In place: -inf for every token the rows' response_format does not allow next."""
+    allowed = torch.stack(masks).to(logits.device, non_blocking=True)
+    logits[rows] = logits[rows].masked_fill(~allowed, NEG_INF)
+
+
 def penalise_repetition_(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> None:
     """In place: transformers' penalty on every token of prompt + output (divide a positive logit,
     multiply a negative one). Dense rather than indexed by `seen`: boolean indexing would read
@@ -183,6 +189,7 @@ class Sampler:
         self.any_bias = any(self.tables)
         self.any_decay = any(p.exponential_decay_length_penalty is not None for p in ps) and len(self.eos_ids) > 0
         self.logprob_rows = [i for i, p in enumerate(ps) if p.logprobs]
+        self.guided_rows = [i for i, r in enumerate(rows) if getattr(r, "guide", None) is not None]
         self._set_penalties(ps)
 
     def _widest_k(self, ps: list[SamplingParams]) -> int:
@@ -214,6 +221,8 @@ class Sampler:
         x = logits.to(torch.float32, copy=True)
         # log-probabilities are of the model's own distribution, before any processor
         lp = x[self.logprob_rows].log_softmax(-1) if self.logprob_rows else None
+        if self.guided_rows:  # response_format first, so every processor works on the allowed tokens
+            allow_guided_(x, self.guided_rows, [self.rows[i].guide.mask() for i in self.guided_rows])
         if self.any_bias:
             add_sequence_bias_(x, self.tables, [r.tokens for r in self.rows])
         if self.any_repetition:
