@@ -257,7 +257,8 @@ class _Choice:
 
 
 class Guide:
-    """One row's constraint: `mask()` the tokens allowed next, `advance(token)` after each."""
+    """One row's constraint: `allowed()` / `mask()` the tokens allowed next, `advance(token)`
+    after each."""
 
     def __init__(self, node: Node, vocab: JsonVocab) -> None:
         self.vocab = vocab
@@ -278,11 +279,17 @@ class Guide:
         self.in_follow = False
 
     def mask(self) -> torch.Tensor:
+        allowed = self.allowed()
+        return allowed if isinstance(allowed, torch.Tensor) else self.vocab.of(allowed)
+
+    def allowed(self) -> torch.Tensor | list[int]:
+        """The tokens allowed next: a boolean mask over the vocabulary, or (the common case of
+        keys, punctuation and enums: a few tokens) their ids."""
         v = self.vocab
         if self.done:
             return v.end
         if self.choice is not None:
-            return v.of(self.choice.next_ids())
+            return list(self.choice.next_ids())
         if isinstance(self.op, Str):
             room = self.op.max_len - self.count
             if room >= v.longest:
@@ -322,15 +329,15 @@ class Guide:
     def _number_complete(self) -> bool:
         return _complete(self.text, self.op.lo, self.op.hi)
 
-    def _number_mask(self) -> torch.Tensor:
+    def _number_mask(self) -> torch.Tensor | list[int]:
         if self.in_follow:
-            return self.vocab.of(self.follow.next_ids())
+            return list(self.follow.next_ids())
         ids = set(self._digit_ids())
         if self._number_complete():
             if self.op.follow is None:
                 return self.vocab.of(ids) | self.vocab.end
             ids |= self.follow.next_ids()
-        return self.vocab.of(ids)
+        return list(ids)
 
     def _advance_number(self, token: int) -> None:
         if not self.in_follow and token in set(self._digit_ids()):
