@@ -168,7 +168,7 @@ def _any_rest(start: str, depth: int, follow: tuple[str, ...] | None):
             nxt = (', "', "}") if count < MAX_MEMBERS else ("}",)
             k = 1 if nxt[(yield from _any(depth + 1, nxt, " "))] == "}" else 0
     elif start == "[":
-        count, nxt = 0, (",", "]")
+        count = 0
         while True:
             count += 1
             nxt = (",", "]") if count < MAX_MEMBERS else ("]",)
