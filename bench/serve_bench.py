@@ -1,13 +1,17 @@
 """Load test: our server against a reference-style baseline, at rising numbers of concurrent streams.
 
     python bench/serve_bench.py [--levels 1 4 16 64] [--max-tokens 64]
+    python bench/serve_bench.py --natural --levels 16 --requests 32   # replies end where the model ends them
 
 Each server runs in its own process, one after the other, on the embedded default model with
 the reference's sampling flags (temperature 1.0, top-p 0.8, eos bias -4, length decay 0 1.01).
 The baseline serves as the reference did: one request at a time through transformers
 `generate` (streamed through a `generate` streamer so time to first token is comparable).
 Every request asks for exactly --max-tokens tokens (`ignore_eos`, `min_new_tokens` for the
-baseline) so both sides produce the same work. A level with c streams sends max(c, --requests)
+baseline) so both sides produce the same work; with --natural each reply instead ends where the
+sampled end-of-turn token ends it (as the reference served, the length penalty making that ever
+likelier), up to --max-tokens (default then 1024), and the two sides' mean reply lengths are
+printed beside their throughput, since sampling makes them differ. A level with c streams sends max(c, --requests)
 chat requests from c concurrent clients and reports requests/s, output tokens/s, time to
 first token p50/p99 and time per output token p50; the last table gives our/baseline ratios.
 """
@@ -121,10 +125,10 @@ class Result:
     tokens: int
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int) -> Result:
+async def one_request(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int, natural: bool) -> Result:
     body = {"model": "bench", "messages": [{"role": "system", "content": SYSTEM},
                                            {"role": "user", "content": OPENERS[i % len(OPENERS)]}],
-            "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "max_tokens": max_tokens, "ignore_eos": not natural, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = last = None
     tokens = 0
@@ -146,13 +150,13 @@ async def one_request(session: aiohttp.ClientSession, url: str, i: int, max_toke
     return Result(ttft, tpot, tokens)
 
 
-async def run_level(url: str, streams: int, requests: int, max_tokens: int, bar: tqdm) -> dict[str, float]:
+async def run_level(url: str, streams: int, requests: int, max_tokens: int, natural: bool, bar: tqdm) -> dict[str, float]:
     todo = iter(range(requests))
     results: list[Result] = []
 
     async def client(session: aiohttp.ClientSession) -> None:
         for i in todo:  # clients share one iterator: each takes the next request when free
-            results.append(await one_request(session, url, i, max_tokens))
+            results.append(await one_request(session, url, i, max_tokens, natural))
             bar.update(1)
 
     timeout = aiohttp.ClientTimeout(total=None)
@@ -168,6 +172,7 @@ async def run_level(url: str, streams: int, requests: int, max_tokens: int, bar:
         "TTFT p50 s": statistics.median(ttfts),
         "TTFT p99 s": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))],
         "TPOT p50 ms": 1000 * statistics.median(tpots) if tpots else float("nan"),
+        "mean len": statistics.mean(r.tokens for r in results),
     }
 
 
@@ -195,21 +200,26 @@ def start_server(cmd: list[str], port: int) -> subprocess.Popen:
 def measure(name: str, url: str, streams: int, args: argparse.Namespace) -> dict[str, float]:
     n = max(streams, args.requests)
     with tqdm(total=n, desc=f"{name} c={streams}", unit="req", leave=False) as bar:
-        out = asyncio.run(run_level(url, streams, n, args.max_tokens, bar))
+        out = asyncio.run(run_level(url, streams, n, args.max_tokens, args.natural, bar))
     print(f"{name:>8} c={streams:<3} " + "  ".join(f"{k} {v:8.2f}" for k, v in out.items()), flush=True)
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64], help="concurrent streams per level")
-    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64], help="concurrent streams per level (default 1 4 16 64)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="output tokens per request (default 64; with --natural the most a reply may take, default 1024)")
+    p.add_argument("--natural", action="store_true",
+                   help="replies stop where the model samples end-of-turn (no ignore_eos), as in real use")
     p.add_argument("--requests", type=int, default=4, help="requests per level at least (default 4)")
     p.add_argument("--dtype", default="float32", help="our server's --dtype (the baseline runs float32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of both servers (default: torch's choice)")
     p.add_argument("--skip-baseline", action="store_true", help="measure our server only")
     p.add_argument("--baseline-server", type=int, default=None, help=argparse.SUPPRESS)  # internal: run the baseline
     args = p.parse_args()
+    if args.max_tokens is None:
+        args.max_tokens = 1024 if args.natural else 64
     if args.baseline_server is not None:
         return run_baseline_server(args.baseline_server, args.threads)
 
@@ -218,7 +228,7 @@ def main() -> None:
     ports = {"ours": free_port(), "baseline": free_port()}
     commands = {
         "ours": [sys.executable, "-m", "eeyore.serve", "--port", str(ports["ours"]), "--served-model-name", "bench",
-                 "--max-batch-size", str(max(args.levels)), "--max-model-len", "1024", "--dtype", args.dtype,
+                 "--max-batch-size", str(max(args.levels)), "--max-model-len", str(max(1024, 2 * args.max_tokens)), "--dtype", args.dtype,
                  "--sequence-bias", "[[[2], -4.0]]", *flags, *threads],  # id 2 = <|im_end|>, SmolLM2's eos
         "baseline": [sys.executable, os.path.abspath(__file__), "--baseline-server", str(ports["baseline"]), *threads],
     }
@@ -243,7 +253,7 @@ def main() -> None:
         o, b = ours[c], base[c]
         print(f"c={c:<3} req/s x{o['req/s'] / b['req/s']:.1f}  out tok/s x{o['out tok/s'] / b['out tok/s']:.1f}  "
               f"TTFT p50 x{b['TTFT p50 s'] / o['TTFT p50 s']:.1f}  TTFT p99 x{b['TTFT p99 s'] / o['TTFT p99 s']:.1f}  "
-              f"TPOT p50 x{b['TPOT p50 ms'] / o['TPOT p50 ms']:.1f}")
+              f"TPOT p50 x{b['TPOT p50 ms'] / o['TPOT p50 ms']:.1f}  mean reply {o['mean len']:.0f} vs {b['mean len']:.0f} tokens")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,31 @@ def test_warpers_match_transformers(with_full_vocab_row):
             torch.testing.assert_close(ours[r : r + 1], theirs, rtol=0, atol=0)
 
 
+BOUNDED_ROWS = [r for r in ROWS if r[1] or r[2] < 1.0 or r[3] > 0]  # every row's kept set is bounded
+
+
+def test_rows_without_top_k_skip_the_full_sort_and_keep_transformers_set(monkeypatch):
+    """With top-k off, top-p / min-p rows take a candidate prefix proven to hold their kept set
+    (a large vocabulary and peaked scores, as a language model's): no sort, same kept set."""
+    sorts = []
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorts.append(1) or torch.sort(self, *a, **k))
+    for seed in range(5):
+        logits = torch.randn(len(BOUNDED_ROWS), 5000, generator=torch.Generator().manual_seed(seed)) * 6
+        temps = torch.tensor([r[0] for r in BOUNDED_ROWS])
+        vals, ids = truncate(logits, temps, torch.tensor([r[1] for r in BOUNDED_ROWS]),
+                             torch.tensor([r[2] for r in BOUNDED_ROWS], dtype=torch.float64),
+                             torch.tensor([r[3] for r in BOUNDED_ROWS]))
+        assert vals.shape[1] < 5000
+        ours = torch.full_like(logits, float("-inf")).scatter(1, ids, vals)
+        for r, (temp, k, p, m) in enumerate(BOUNDED_ROWS):
+            theirs = transformers_warped(logits[r : r + 1], temp, k, p, m)
+            torch.testing.assert_close(ours[r : r + 1], theirs, rtol=0, atol=0)
+    assert not sorts
+    flat = torch.zeros(1, 5000)  # nothing bounds a uniform row's top-p set short of the vocabulary
+    vals, _ = truncate(flat, torch.ones(1), torch.zeros(1, dtype=torch.long), torch.tensor([0.9], dtype=torch.float64), torch.zeros(1))
+    assert vals.shape[1] == 5000 and sorts
+
+
 def test_draws_follow_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]]).expand(40000, -1)
     vals, ids = truncate(logits, torch.ones(40000), torch.zeros(40000, dtype=torch.long), torch.ones(40000, dtype=torch.float64), torch.zeros(40000))
