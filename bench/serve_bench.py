@@ -216,6 +216,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", help="our server's --dtype (the baseline runs float32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of both servers (default: torch's choice)")
     p.add_argument("--skip-baseline", action="store_true", help="measure our server only")
+    p.add_argument("--compile", action="store_true",
+                   help="our server with --compile (its first steps compile: minutes on CPU, before measuring)")
     p.add_argument("--baseline-server", type=int, default=None, help=argparse.SUPPRESS)  # internal: run the baseline
     args = p.parse_args()
     if args.max_tokens is None:
@@ -229,7 +231,8 @@ def main() -> None:
     commands = {
         "ours": [sys.executable, "-m", "eeyore.serve", "--port", str(ports["ours"]), "--served-model-name", "bench",
                  "--max-batch-size", str(max(args.levels)), "--max-model-len", str(max(1024, 2 * args.max_tokens)), "--dtype", args.dtype,
-                 "--sequence-bias", "[[[2], -4.0]]", *flags, *threads],  # id 2 = <|im_end|>, SmolLM2's eos
+                 "--sequence-bias", "[[[2], -4.0]]", *flags, *threads,  # id 2 = <|im_end|>, SmolLM2's eos
+                 *(["--compile"] if args.compile else [])],
         "baseline": [sys.executable, os.path.abspath(__file__), "--baseline-server", str(ports["baseline"]), *threads],
     }
     names = ["ours"] if args.skip_baseline else ["ours", "baseline"]
@@ -238,6 +241,8 @@ def main() -> None:
     procs = [start_server(commands[name], ports[name]) for name in names]
     results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in names}
     try:
+        for name in names:  # warm-up, not measured: first calls (and, with --compile, compiling)
+            asyncio.run(run_level(f"http://127.0.0.1:{ports[name]}", 2, 2, 8, False, tqdm(disable=True)))
         for c in args.levels:
             for name in names:
                 results[name][c] = measure(name, f"http://127.0.0.1:{ports[name]}", c, args)
