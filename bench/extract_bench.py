@@ -3,14 +3,16 @@ server on the embedded default model, and the agreement of what it extracted wit
 profiles of the 12 shared conversations.
 
     python bench/extract_bench.py                                   # starts `python -m eeyore.serve`
-    python bench/extract_bench.py --max-tokens 256 --limit 4        # a shorter pass for 2 CPU cores
+    python bench/extract_bench.py --limit 3                         # a shorter pass for 2 CPU cores
     python bench/extract_bench.py --server-url http://127.0.0.1:6416/v1 --model NAME   # a running server
 
 Both passes run one after the other against the same server, each into a fresh output (nothing
 resumed), greedy, so they ask for the same work; the speed-up is the first level's wall time over
 each level's. There is no released reference extraction to compare with: the baseline is the
-one-request-at-a-time pass. The embedded 135M model is far too weak for the task (most replies
-are not valid profiles), so its agreement table is a floor, not a measure of the method.
+one-request-at-a-time pass. The server follows the profile's JSON schema by constrained decoding
+(`response_format`), so replies are schema-valid JSON unless --max-tokens cuts them; the embedded
+135M model is still far too weak for the task, so its agreement table is a floor, not a measure
+of the method.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N conversations (default: all)")
     p.add_argument("--concurrency", default="1,16", help="comma-separated concurrency levels; the first is the baseline")
     p.add_argument("--attempts", type=int, default=1, help="requests per conversation (default 1: the speed of one pass)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="longest reply in tokens (default 1024)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="longest reply in tokens (default 2048, as "
+                   "extract_profiles: a guided profile with its evidence takes 1000-2000)")
     p.add_argument("--server-url", default=None, help="use this running server instead of starting one")
     p.add_argument("--model", default=None, help="with --server-url: its model name; otherwise: the checkpoint "
                    "to serve (default: the embedded SmolLM2-135M-Instruct)")

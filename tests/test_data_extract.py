@@ -239,3 +239,27 @@ def test_instructions_cover_every_field():
         if isinstance(value, dict):
             assert all(f'"{k}"' in text for k in value)
     assert DEPRESSION in text and SYMPTOMS in text
+
+
+def test_our_server_on_the_embedded_model_returns_a_schema_valid_profile(smollm2_dir):
+    """Through the project's own server the JSON schema is followed by constrained decoding, so
+    even the weak embedded model answers a profile that passes the schema checks at once."""
+    from serve_fixtures import LiveServer
+
+    from eeyore.serve.engine import Engine
+
+    srv = LiveServer(lambda: Engine.from_pretrained(smollm2_dir, max_batch_size=2, max_model_len=8192), name="smol")
+    turns = [m for m in SAMPLES[0]["conversation"] if m["role"] != "system"][:6]
+
+    async def go():
+        async with ChatClient(srv.url + "/v1", "smol", retries=0) as client:
+            ex = extract_profiles.Extractor(client, Sampling(temperature=0.0, max_tokens=4096), attempts=1)
+            return await ex.extract(Conversation("s0", 0, "here", turns, "assistant", {})), ex.schema_ok
+
+    try:
+        out, schema_ok = asyncio.run(go())
+    finally:
+        srv.close()
+    assert schema_ok is True
+    assert out.record is not None, out.reasons
+    assert profile_errors(out.record) == [] and json.loads(out.last_reply)["profile"] == out.record["profile"]

@@ -1,5 +1,7 @@
-"""Judge: score parsing from messy free text, the retry with a reminder, missing scores."""
+"""Judge: score parsing from messy free text, the retry with a reminder, missing scores; the
+score asked for as JSON through response_format, and the fallback when an endpoint refuses it."""
 import asyncio
+import json
 
 import pytest
 from eval_fakes import FakeEndpoint
@@ -7,7 +9,7 @@ from eval_fakes import FakeEndpoint
 from eeyore.profile import Trait
 from eeyore.serve.client import ChatClient, Sampling
 from eeyore.eval.interview import Transcript
-from eeyore.eval.judge import JUDGE_SYSTEM, REMINDER, judge_realism, judge_trait, parse_score
+from eeyore.eval.judge import JUDGE_SYSTEM, REMINDER, SCORE_FORMAT, judge_realism, judge_trait, parse_score
 
 
 @pytest.mark.parametrize("text, score", [
@@ -71,3 +73,60 @@ def test_judge_gives_up_and_records_missing():
 
     verdict, n = asyncio.run(go())
     assert verdict.score is None and n == 2 and len(verdict.replies) == 2
+
+
+def test_judge_asks_for_a_json_score_and_reads_it():
+    async def go():
+        async with FakeEndpoint(lambda body: '{"score": 4}') as ep, ChatClient(ep.base_url, "judge") as judge:
+            v = await judge_trait(judge, _transcript(), Trait("mild", "sleep disturbances"), Sampling(0.0))
+            return v, ep.requests
+
+    verdict, requests = asyncio.run(go())
+    assert verdict.score == 4 and len(requests) == 1
+    assert requests[0]["response_format"] == SCORE_FORMAT
+    assert SCORE_FORMAT["json_schema"]["schema"]["properties"]["score"] == {"type": "integer", "minimum": 1, "maximum": 5}
+
+
+@pytest.mark.parametrize("text, score", [('{"score": 3}', 3), ('{"score": 7}', None), ('{"score": "4"}', None),
+                                         ('{"score": true}', None), ('{"mark": 2}', 2)])
+def test_parse_score_reads_the_json_score(text, score):
+    assert parse_score(text) == score
+
+
+def test_judge_falls_back_to_free_text_when_response_format_is_refused():
+    def no_schema(body):
+        if "response_format" in body:
+            return 400, "only response_format {'type': 'text'} is supported"
+        return "Score: 3"
+
+    async def go():
+        async with FakeEndpoint(no_schema) as ep, ChatClient(ep.base_url, "judge", retries=0) as judge:
+            first = await judge_realism(judge, _transcript(), Sampling())
+            second = await judge_realism(judge, _transcript(), Sampling())
+            return first, second, ep.requests
+
+    first, second, requests = asyncio.run(go())
+    assert first.score == 3 and second.score == 3
+    assert ["response_format" in r for r in requests] == [True, False, False]  # learnt once, then plain
+
+
+def test_the_embedded_model_through_our_server_now_gives_scores(smollm2_dir):
+    """The weak embedded model as judge: free text rarely held a score; with the JSON schema
+    every answer is one."""
+    from serve_fixtures import LiveServer
+
+    from eeyore.serve.engine import Engine
+
+    srv = LiveServer(lambda: Engine.from_pretrained(smollm2_dir, max_batch_size=4, max_model_len=2048), name="smol")
+
+    async def go():
+        async with ChatClient(srv.url + "/v1", "smol", retries=0) as judge:
+            return [await judge_trait(judge, _transcript(), trait, Sampling(temperature=t, max_tokens=16), attempts=1)
+                    for trait, t in ((Trait("severe", "sleep disturbances"), 0.0), (Trait("distortion", "personalization"), 1.0))]
+
+    try:
+        verdicts = asyncio.run(go())
+    finally:
+        srv.close()
+    for v in verdicts:
+        assert v.score in range(1, 6) and json.loads(v.replies[0]) == {"score": v.score}

@@ -83,7 +83,9 @@ BAD_CHAT = [
     (with_(sequence_bias=[[[100000], 1.0]]), "sequence_bias"),
     (with_(logit_bias={"300": 5}), "sequence_bias"),
     (with_(tools=[{"type": "function"}]), "tools"),
-    (with_(response_format={"type": "json_object"}), "response_format"),
+    (with_(response_format={"type": "json_schema", "json_schema": {"schema": {"anyOf": []}}}), "response_format"),
+    (with_(response_format={"type": "grammar"}), "response_format"),
+    (with_(response_format="json"), "response_format"),
     (with_(model=3), "model"),
 ]
 

@@ -3,9 +3,10 @@
 For each conversation ONE chat request asks a model (any OpenAI-compatible endpoint; the
 project's own server by default) for the client's whole profile as a JSON object: `profile` in
 the schema of `eeyore.profile` and `evidence`, a quote for each field it fills in. The JSON
-Schema goes along as `response_format` while the endpoint accepts it; an endpoint that answers
-400 to it (ours, most local servers) gets the same request without it, and the prompt alone
-describes the schema. The reply is validated with `eeyore.profile.profile_errors`; an invalid
+Schema goes along as `response_format` while the endpoint accepts it (ours, vLLM and OpenAI
+then follow it by constrained decoding, so every reply is schema-valid JSON unless max_tokens
+cuts it); an endpoint that answers 400 to it gets the same request without it, and the prompt
+alone describes the schema (`eeyore.serve.structured`). The reply is validated with `eeyore.profile.profile_errors`; an invalid
 reply is sent back with its errors quoted, up to `--attempts` requests in all; a conversation
 that never yields a valid profile goes to the rejects file with the reason for each attempt.
 
@@ -30,13 +31,34 @@ from eeyore.profile import (
     UNKNOWN, json_schema, profile_errors,
 )
 from eeyore.serve.client import ChatClient, EndpointError, Sampling
+from eeyore.serve.structured import accepts_format, chat_formatted
 from eeyore.train.data import DataError
 
 from .conversations import Conversation, append_record, load_conversations, read_records, write_jsonl_atomic
 
 DEFAULT_URL = "http://127.0.0.1:6416/v1"  # `python -m eeyore.serve`
 CLIENT, COUNSELLOR = "Client", "Supporter"
-RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "client_profile", "schema": json_schema()}}
+QUOTE_CHARS, TEXT_CHARS, SITUATION_CHARS = 200, 160, 500  # caps on free text: see capped_schema
+
+
+def capped_schema() -> dict[str, Any]:
+    """The profile's JSON Schema with a maxLength on every free-text field, so that under
+    constrained decoding a weak model that rambles still closes each string, and the whole
+    reply fits in --max-tokens (a reply cut short is no JSON at all)."""
+    schema = json_schema()
+
+    def cap(node: dict[str, Any], chars: int) -> None:
+        if node.get("type") == "string" and "enum" not in node:
+            node["maxLength"] = chars
+        for name, sub in node.get("properties", {}).items():
+            cap(sub, SITUATION_CHARS if name == "situation of the client" else chars)
+
+    cap(schema["properties"]["profile"], TEXT_CHARS)
+    cap(schema["properties"]["evidence"], QUOTE_CHARS)
+    return schema
+
+
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "client_profile", "schema": capped_schema()}}
 
 
 def instructions() -> str:
@@ -101,23 +123,14 @@ class Extractor:
 
     def __init__(self, client: ChatClient, sampling: Sampling, attempts: int):
         self.client, self.sampling, self.attempts = client, sampling, attempts
-        self.schema_ok: bool | None = None  # None: not known yet
+
+    @property
+    def schema_ok(self) -> bool | None:
+        """Whether the endpoint takes the JSON schema; None: not known yet."""
+        return accepts_format(self.client)
 
     async def _ask(self, messages: list[dict[str, str]]) -> str:
-        if self.schema_ok is False:
-            return await self.client.chat(messages, self.sampling)
-        try:
-            reply = await self.client.chat(messages, self.sampling, RESPONSE_FORMAT)
-        except EndpointError as e:
-            if e.status not in (400, 422):
-                raise
-            # Either the endpoint refuses response_format or the request itself is bad: the
-            # same request without it tells which, and only a success turns the schema off.
-            reply = await self.client.chat(messages, self.sampling)
-            self.schema_ok = False
-            return reply
-        self.schema_ok = True
-        return reply
+        return await chat_formatted(self.client, messages, self.sampling, RESPONSE_FORMAT)
 
     async def extract(self, conv: Conversation) -> Outcome:
         if not conv.client_turns():

@@ -1,6 +1,10 @@
 """The LLM judge: rates an interview transcript 1-5 for one trait, and (optionally) a free
 conversation for realism; parses the score out of whatever text the judge writes.
 
+The score is asked for as `{"score": 1..5}` through `response_format` (a JSON schema) while the
+endpoint accepts it: with constrained decoding even a small judge model then always answers a
+score. An endpoint that refuses the field gets the plain prompt, and the free text is parsed.
+
 Fixes over the reference: the system message and the prompt ask for the same thing (a 1-5
 number, the reference's system message asked for Yes/No); the score is found in free text
 ("Score: 4", "**4**/5", "I'd give it a four"); unparsable answers are retried with a reminder
@@ -8,10 +12,12 @@ and, if still unparsable, recorded as missing (None) — never as -1 averaged in
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
 from eeyore.serve.client import ChatClient, Sampling
+from eeyore.serve.structured import chat_formatted
 from eeyore.eval.interview import Transcript, plain_words
 from eeyore.profile import Trait
 
@@ -58,6 +64,9 @@ Conversation:
 Scale: 5 = indistinguishable from a real person; 4 = mostly realistic; 3 = mixed; 2 = mostly artificial; 1 = clearly an AI.
 Reply with the number only."""
 REMINDER = "Please reply with a single number from 1 to 5 and nothing else."
+SCORE_FORMAT = {"type": "json_schema", "json_schema": {"name": "judge_score", "strict": True, "schema": {
+    "type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5}},
+    "required": ["score"], "additionalProperties": False}}}
 
 _WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 _NUM = r"([1-5]|one|two|three|four|five)(?:\.0)?"
@@ -71,9 +80,17 @@ _LONE = re.compile(r"(?<![\d.])([1-5])(?![\d]|\.\d)")
 
 
 def parse_score(text: str | None) -> int | None:
-    """The 1-5 score a judge gave, or None when the text does not state one unambiguously."""
+    """The 1-5 score a judge gave ({"score": n} as asked for, or free text), or None when the
+    text does not state one unambiguously."""
     if not text:
         return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and "score" in data:
+        score = data["score"]
+        return score if type(score) is int and 1 <= score <= 5 else None
     plain = _RANGE.sub(" ", re.sub(r"[*_`#]", "", text)).strip()
     for pattern in (_OUT_OF, _LABELLED):
         found = pattern.findall(plain)
@@ -106,7 +123,7 @@ async def rate(judge: ChatClient, prompt: str, sampling: Sampling, attempts: int
     messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": prompt}]
     verdict = Verdict(None)
     for _ in range(attempts):
-        reply = await judge.chat(messages, sampling)
+        reply = await chat_formatted(judge, messages, sampling, SCORE_FORMAT)
         verdict.replies.append(reply)
         verdict.score = parse_score(reply)
         if verdict.score is not None:

@@ -38,6 +38,7 @@ from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.pretrained import resolve_model_dir
 
 from . import offline
+from .guided import Guide, GuidedError, JsonVocab, compile_format
 from .memory import plan_cache
 from .params import SamplingParams, checkpoint_defaults, eos_ids_of, layered_defaults
 from .request import Completion, ContextLengthError, EngineClosed, InvalidRequest, Output, Request, TraceRow
@@ -86,10 +87,11 @@ class Engine:
         self.fast_path = fast_path
         self.decode_logits: DecodeStep = DecodeStep(model)
         self._ids = itertools.count()
-        # Opt-in record of the schedule (the guide's timeline, the scheduler's tests): called on the
-        # worker thread with one TraceRow per row of every forward. None costs one test per forward.
+        # Opt-in record of the schedule, one TraceRow per row of every forward (worker thread).
         self.trace: Callable[[TraceRow], None] | None = None
         self.step = 0  # iterations of the step loop that had work
+        self._json_vocab: JsonVocab | None = None  # what constrained decoding knows of the tokens
+        self._vocab_lock = threading.Lock()
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -179,11 +181,24 @@ class Engine:
             if self.out_of_vocab(key) is not None:
                 raise InvalidRequest(f"sequence_bias / logit_bias token ids {list(key)} are outside the vocabulary "
                                      f"(0..{vocab - 1})", "sequence_bias")
+        self._guide(params)  # builds the JSON vocabulary once, on the caller's thread
         room = self.max_model_len - n
         if room <= 0:
             raise ContextLengthError(f"the prompt has {n} tokens but the context length is {self.max_model_len}: "
                                      f"at most {self.max_model_len - 1} prompt tokens")
         return room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def _guide(self, params: SamplingParams) -> Guide | None:
+        """The constraint of a `response_format` request (a compiled one, or the raw dict)."""
+        try:
+            node = compile_format(params.guided) if isinstance(params.guided, dict) else params.guided
+        except GuidedError as exc:
+            raise InvalidRequest(str(exc), "response_format") from None
+        if node is None:
+            return None
+        with self._vocab_lock:  # what the tokens are as JSON text: built for the first guided request
+            self._json_vocab = self._json_vocab or JsonVocab(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
+        return Guide(node, self._json_vocab)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Output], None],
                bounded: bool = True, max_tokens: int | None = None) -> Request:
@@ -195,7 +210,7 @@ class Engine:
         # The prompt's last ids as context: SentencePiece decoders then keep the first token's space.
         decoder = self.tokenizer.stream_decoder(prompt[-4:], skip_special_tokens=True)
         text = TextStream(decoder, params.stop, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-        req = Request(next(self._ids), prompt, params, max_tokens, text, sink)
+        req = Request(next(self._ids), prompt, params, max_tokens, text, sink, self._guide(params))
         with self.scheduler.lock:
             if self._closing or self._thread is None:
                 raise EngineClosed("the engine is not running")
@@ -362,6 +377,12 @@ class Engine:
         if self._is_stop_token(token, req.params):
             text, reason = req.text.flush(), "stop"
         else:
+            if req.guide is not None:
+                try:
+                    req.guide.advance(token)
+                except ValueError as exc:  # a token the mask allowed is always accepted: a defect
+                    req.fail(f"constrained decoding failed: {exc}")
+                    return
             text, hit = req.text.push(token)
             reason = "stop" if hit else None
         if reason is None and req.generated >= req.max_tokens:

@@ -35,6 +35,9 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks: generate exactly max_tokens
     logprobs: bool = False
     top_logprobs: int = 0
+    # response_format compiled by guided_schema.compile_format (a raw response_format dict is
+    # compiled on submit); None: free text
+    guided: Any = None
 
     @property
     def greedy(self) -> bool:

@@ -2,7 +2,8 @@
 
 Every client mistake becomes an `ErrorReply` with a 4xx status and the OpenAI error envelope
 naming the offending field. Unknown fields are ignored, as OpenAI's own API does, except
-features that would silently change the answer (tools, structured output, echo, suffix).
+features that would silently change the answer (tools, echo, suffix). Structured output
+(`response_format` json_object / json_schema) is followed by constrained decoding: `guided.py`.
 Extensions beyond OpenAI's fields, as vLLM names them: `top_k`, `min_p`, `repetition_penalty`,
 `ignore_eos`, `stop_token_ids`, plus transformers' `sequence_bias` and
 `exponential_decay_length_penalty`.
@@ -16,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .guided_schema import GuidedError, compile_format
 from .params import RANGES, ParamError, SamplingParams, check_number, check_params, parse_sequence_bias
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -195,9 +197,10 @@ def _common(body: Any, defaults: SamplingParams) -> ParsedRequest:
     for name in UNSUPPORTED:
         if body.get(name):
             raise bad(f"'{name}' is not supported by this server", name)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("only response_format {'type': 'text'} is supported", "response_format")
+    try:  # a JSON object or schema: constrained decoding (see guided.py)
+        guided = None if body.get("response_format") is None else compile_format(body["response_format"])
+    except GuidedError as exc:
+        raise bad(str(exc), "response_format") from None
     model = body.get("model")
     if model is not None:
         _text(model, "model")
@@ -207,7 +210,7 @@ def _common(body: Any, defaults: SamplingParams) -> ParsedRequest:
         raise bad("'stream_options' is only allowed with stream: true, as an object", "stream_options")
     include_usage = bool(_bool(options or {}, "include_usage"))
     n = _number(body, "n", 1, MAX_N, integer=True) or 1
-    return ParsedRequest(model, _sampling(body, defaults), n, stream, include_usage)
+    return ParsedRequest(model, _sampling(body, defaults).updated(guided=guided), n, stream, include_usage)
 
 
 # ----------------------------------------------------------------------------- requests

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from .guided import Guide
 from .params import SamplingParams
 from .text import TextStream
 
@@ -88,13 +89,14 @@ class Request:
     go. The worker thread owns everything but `cancelled`."""
 
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, max_tokens: int,
-                 text: TextStream, sink: Callable[[Output], None]) -> None:
+                 text: TextStream, sink: Callable[[Output], None], guide: Guide | None = None) -> None:
         self.id, self.prompt, self.params, self.max_tokens = rid, prompt, params, max_tokens
         self.tokens = list(prompt)  # prompt + generated: what the sampler's penalties and biases read
         self.prompt_len = len(prompt)
         # A seeded request draws from its own generator, so its tokens do not depend on the batch.
         self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
         self.text, self.sink = text, sink
+        self.guide = guide  # the tokens response_format allows next; None: any
         self.prefilled = 0  # prompt tokens already in the cache
         self.cancelled = False
         self.done = False

@@ -73,6 +73,15 @@ def add_sequence_bias_(logits: torch.Tensor, tables: list[dict[tuple[int, ...], 
         logits.view(-1).index_add_(0, where, total)
 
 
+def allow_guided_(logits: torch.Tensor, rows: list[int], allowed: list) -> None:
+    """In place: -inf for every token the rows' response_format does not allow next; each
+    row's allowed tokens are a boolean mask over the vocabulary or a list of token ids."""
+    keep = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool)
+    for j, a in enumerate(allowed):
+        keep[j, a] = True  # a mask row, or the listed ids
+    logits[rows] = logits[rows].masked_fill(~keep.to(logits.device, non_blocking=True), NEG_INF)
+
+
 def penalise_repetition_(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> None:
     """In place: transformers' penalty on every token of prompt + output (divide a positive logit,
     multiply a negative one). Dense rather than indexed by `seen`: boolean indexing would read
@@ -229,6 +238,7 @@ class Sampler:
         self.any_bias = any(self.tables)
         self.any_decay = any(p.exponential_decay_length_penalty is not None for p in ps) and len(self.eos_ids) > 0
         self.logprob_rows = [i for i, p in enumerate(ps) if p.logprobs]
+        self.guided_rows = [i for i, r in enumerate(rows) if getattr(r, "guide", None) is not None]
         self._set_penalties(ps)
 
     def _widest_k(self, ps: list[SamplingParams]) -> int:
@@ -260,6 +270,8 @@ class Sampler:
         x = logits.to(torch.float32, copy=True)
         # log-probabilities are of the model's own distribution, before any processor
         lp = x[self.logprob_rows].log_softmax(-1) if self.logprob_rows else None
+        if self.guided_rows:  # response_format first, so every processor works on the allowed tokens
+            allow_guided_(x, self.guided_rows, [self.rows[i].guide.allowed() for i in self.guided_rows])
         if self.any_bias:
             add_sequence_bias_(x, self.tables, [r.tokens for r in self.rows])
         if self.any_repetition:
