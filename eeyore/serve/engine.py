@@ -192,13 +192,13 @@ class Engine:
         """The constraint of a `response_format` request (a compiled one, or the raw dict)."""
         try:
             node = compile_format(params.guided) if isinstance(params.guided, dict) else params.guided
+            if node is None:
+                return None
+            with self._vocab_lock:  # what the tokens are as JSON text: built for the first guided request
+                self._json_vocab = self._json_vocab or JsonVocab(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
+            return Guide(node, self._json_vocab)
         except GuidedError as exc:
             raise InvalidRequest(str(exc), "response_format") from None
-        if node is None:
-            return None
-        with self._vocab_lock:  # what the tokens are as JSON text: built for the first guided request
-            self._json_vocab = self._json_vocab or JsonVocab(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
-        return Guide(node, self._json_vocab)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Output], None],
                bounded: bool = True, max_tokens: int | None = None) -> Request:
