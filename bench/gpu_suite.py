@@ -291,8 +291,9 @@ def decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
             token = model(ids, torch.arange(prompt, device=ctx.device).expand(batch, -1), cache)[:, -1:].argmax(-1)
             cuda_sync()
             start = time.perf_counter()
-            for i in range(steps):  # greedy, the token stays on the device
-                token = model(token, torch.full((batch, 1), prompt + i, device=ctx.device), cache)[:, -1:].argmax(-1)
+            for i in range(steps):  # greedy, the token stays on the device; the span is known, as in the engine
+                positions = torch.full((batch, 1), prompt + i, device=ctx.device)
+                token = model(token, positions, cache.rows(0, batch, prompt + i + 1))[:, -1:].argmax(-1)
             cuda_sync()
         step = (time.perf_counter() - start) / steps
         kv_bytes = 2 * config.num_hidden_layers * batch * (prompt + steps / 2) * config.num_key_value_heads * config.head_dim * cache.k.element_size()

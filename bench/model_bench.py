@@ -53,7 +53,7 @@ def ours_greedy(model: Llama, step: DecodeStep, prompt: torch.Tensor, new_tokens
     model.hidden_states(prompt[:, :-1], torch.arange(length - 1).expand(batch, -1), cache)
     token, out = prompt[:, -1:], []
     for pos in range(length - 1, length - 1 + new_tokens):
-        token = step(token, torch.full((batch, 1), pos), cache).argmax(-1, keepdim=True)
+        token = step(token, torch.full((batch, 1), pos), cache, pos + 1).argmax(-1, keepdim=True)
         out.append(token)
     return torch.cat(out, dim=1)
 

@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from eeyore.model import KVCache
 from eeyore.serve.engine import Engine
 from eeyore.serve.request import EngineFull
 from eeyore.serve.params import SamplingParams
@@ -16,10 +17,19 @@ PROMPTS = [[5, 6, 7, 8, 9], [100], list(range(30, 60)), [200, 201, 202], [7] * 1
 
 
 @pytest.mark.parametrize("slots,chunk,product", [(8, 512, "packed"), (2, 4, "blas"), (3, 7, "auto")])
-def test_greedy_equals_transformers(tiny_ckpt, tiny_hf, slots, chunk, product):
+def test_greedy_equals_transformers(tiny_ckpt, tiny_hf, slots, chunk, product, monkeypatch):
     """More requests than slots and prompts prefilled in chunks of 4: requests join and leave
     the batch (rows move between slots) and every one still matches generate token for token,
-    whichever CPU product computes the projections."""
+    whichever CPU product computes the projections. No forward reads its positions back from
+    the device (a GPU stall per step): the engine gives each the span it knows, exactly."""
+    spans = []
+
+    def span(cache, positions):
+        spans.append(cache._span)
+        assert cache._span == int(positions.max()) + 1
+        return cache._span
+
+    monkeypatch.setattr(KVCache, "span", span)
     with Engine.from_pretrained(tiny_ckpt, max_batch_size=slots, max_model_len=128, prefill_chunk=chunk,
                                 fast_path={"cpu_matmul": product}) as engine:
         results = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16), progress=False)
@@ -28,6 +38,7 @@ def test_greedy_equals_transformers(tiny_ckpt, tiny_hf, slots, chunk, product):
     for prompt, result in zip(PROMPTS, results):
         assert result.token_ids == hf_greedy(tiny_hf, prompt, 16)
         assert result.finish_reason == ("stop" if result.token_ids[-1] == IM_END else "length")
+    assert len(spans) > 16 and all(isinstance(s, int) for s in spans)
 
 
 def test_compiled_decode_equals_transformers(tiny_ckpt, tiny_hf):

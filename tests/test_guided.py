@@ -168,6 +168,26 @@ def test_max_tokens_cuts_a_guided_reply_with_finish_reason_length(tiny_ckpt):
     assert out.text == '{"name"'  # the forced start of the reply, incomplete JSON
 
 
+def test_a_request_is_checked_once_and_given_one_guide(tiny_ckpt, monkeypatch):
+    """Checking a guided prompt compiles its format once and builds no guide; each request
+    (each of n choices) gets its own guide, built when it is queued."""
+    import eeyore.serve.engine as engine_module
+
+    compiled, guides = [], []
+    monkeypatch.setattr(engine_module, "compile_format", lambda f: compiled.append(f) or compile_format(f))
+    monkeypatch.setattr(engine_module, "Guide", lambda *a: guides.append(a) or Guide(*a))
+    with Engine.from_pretrained(tiny_ckpt, max_batch_size=2, max_model_len=256) as engine:
+        params = SamplingParams(temperature=0, guided=fmt(SCORE), max_tokens=50)
+        engine.generate([[5, 6]], params, progress=False)  # a raw dict, checked inside submit
+        assert (len(compiled), len(guides)) == (1, 1)
+        node = compile_format(fmt(SCORE))  # as the server passes it: compiled by the protocol layer
+        server_params = SamplingParams(temperature=0, guided=node, max_tokens=50)
+        budget = engine.check_prompt([5, 6], server_params)
+        assert len(guides) == 1
+        reqs = [engine.submit([5, 6], server_params, lambda out: None, max_tokens=budget) for _ in range(2)]
+        assert len(compiled) == 1 and len(guides) == 3 and reqs[0].guide is not reqs[1].guide
+
+
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
     srv = LiveServer(lambda: Engine.from_pretrained(tiny_ckpt, max_batch_size=4, max_model_len=512))

@@ -26,20 +26,9 @@ from .llama import Llama
 log = logging.getLogger("eeyore.model.decode")
 
 
-class _KnownSpan(KVCache):
-    """The cache with the number of keys to read given, not read back from the device."""
-
-    def __init__(self, config, max_len: int, k: torch.Tensor, v: torch.Tensor, kv_len: int) -> None:
-        super().__init__(config, 0, max_len, _views=(k, v))
-        self.kv_len = kv_len
-
-    def span(self, positions: torch.Tensor) -> int:
-        return self.kv_len
-
-
 def _step(model: Llama, ids: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
           max_len: int, kv_len: int) -> torch.Tensor:
-    cache = _KnownSpan(model.config, max_len, k, v, kv_len)
+    cache = KVCache(model.config, 0, max_len, _views=(k, v), _span=kv_len)
     return model(ids, positions, cache)[:, -1]
 
 
@@ -53,17 +42,21 @@ class DecodeStep:
             # graph (an attention kernel unknown to the compiler) costs a split, not a failure.
             self._program = torch.compile(_step, dynamic=not self.on_cuda, mode=mode, fullgraph=not self.on_cuda)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits `[n, V]` of the next token of rows 0..n-1 fed `ids`/`positions` `[n, 1]`."""
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int | None = None) -> torch.Tensor:
+        """Logits `[n, V]` of the next token of rows 0..n-1 fed `ids`/`positions` `[n, 1]`.
+
+        `span` is the largest position + 1 when the caller knows it (the engine keeps every
+        row's length on the host); then the step never waits for the device to read it back,
+        so on a GPU the sampler's copy of the chosen tokens is the step's one synchronisation."""
         n = ids.shape[0]
         if not self.compiled:
-            return self.model(ids, positions, cache.rows(0, n))[:, -1]
+            return self.model(ids, positions, cache.rows(0, n, span))[:, -1]
         # CPU: one dynamic program; its batch starts at 2 because size 1 would be specialised.
         bucket = min(cache.slots, max(1 << (n - 1).bit_length(), 1 if self.on_cuda else 2))
         if bucket > n:  # padding rows: token 0 at the last cache position (see module doc)
             ids = torch.cat([ids, ids.new_zeros(bucket - n, 1)])
             positions = torch.cat([positions, positions.new_full((bucket - n, 1), cache.max_len - 1)])
-        kv_len = cache.max_len if self.on_cuda else cache.span(positions[:n])
+        kv_len = cache.max_len if self.on_cuda else span or cache.span(positions[:n])
         for t in (cache.k, cache.v):  # fixed sizes: no dynamic size may be equated with theirs
             torch._dynamo.mark_static(t)
             if self.on_cuda:  # written in place by the step: a CUDA graph needs their address fixed

@@ -23,8 +23,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         _views: tuple[torch.Tensor, torch.Tensor] | None = None,
+        _span: int | None = None,
     ) -> None:
         self.config, self.max_len = config, max_len
+        self._span = _span  # L when the caller knows it (see `rows`); None: read from the positions
         if _views is None:
             shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.head_dim)
             _views = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
@@ -32,11 +34,17 @@ class KVCache:
         self.slots = self.k.shape[1]
         self._index_for: torch.Tensor | None = None  # the positions `_index` was built for
 
-    def rows(self, start: int, stop: int) -> "KVCache":
-        """A view over slots [start, stop): batch row b of a forward pass is slot start + b."""
+    def rows(self, start: int, stop: int, span: int | None = None) -> "KVCache":
+        """A view over slots [start, stop): batch row b of a forward pass is slot start + b.
+
+        `span`: how many leading positions the forward pass reads (its largest position + 1),
+        when the caller keeps the rows' lengths on the host. Given, the pass need not read its
+        positions back from the device, a synchronisation that would stall a GPU every step."""
         if not 0 <= start < stop <= self.slots:
             raise IndexError(f"slots [{start}, {stop}) outside a cache of {self.slots} slots")
-        return KVCache(self.config, 0, self.max_len, _views=(self.k[:, start:stop], self.v[:, start:stop]))
+        if span is not None and not 0 < span <= self.max_len:
+            raise ValueError(f"position {span - 1} is beyond the cache length {self.max_len}")
+        return KVCache(self.config, 0, self.max_len, _views=(self.k[:, start:stop], self.v[:, start:stop]), _span=span)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot `src` into slot `dst`."""
@@ -52,7 +60,9 @@ class KVCache:
 
     def span(self, positions: torch.Tensor) -> int:
         """L: how many leading cached positions a forward pass at `positions` `[B, T]` reads."""
-        kv_len = int(positions.max()) + 1  # the one host sync of a step
+        if self._span is not None:
+            return self._span
+        kv_len = int(positions.max()) + 1  # a host sync, unless `rows` was given the span
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is beyond the cache length {self.max_len}")
         return kv_len

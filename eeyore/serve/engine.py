@@ -38,7 +38,7 @@ from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.pretrained import resolve_model_dir
 
 from . import offline
-from .guided import Guide, GuidedError, JsonVocab, compile_format
+from .guided import Guide, GuidedError, JsonVocab, Node, compile_format
 from .memory import plan_cache
 from .params import SamplingParams, checkpoint_defaults, eos_ids_of, layered_defaults
 from .request import Completion, ContextLengthError, EngineClosed, InvalidRequest, Output, Request, TraceRow
@@ -171,6 +171,10 @@ class Engine:
         A budget larger than the room the prompt leaves in the context (`max_tokens` or the
         server's default) is cut to that room, and a reply that runs into it ends with finish
         reason "length"; only a prompt that leaves no room is refused."""
+        return self._check(prompt, params)[0]
+
+    def _check(self, prompt: Sequence[int], params: SamplingParams) -> tuple[int, Node | None]:
+        """`check_prompt`'s budget and the request's compiled response_format (None without one)."""
         n, vocab = len(prompt), self.model.config.vocab_size
         if n == 0:
             raise InvalidRequest("the prompt is empty", "prompt")
@@ -181,22 +185,23 @@ class Engine:
             if self.out_of_vocab(key) is not None:
                 raise InvalidRequest(f"sequence_bias / logit_bias token ids {list(key)} are outside the vocabulary "
                                      f"(0..{vocab - 1})", "sequence_bias")
-        self._guide(params)  # builds the JSON vocabulary once, on the caller's thread
+        node = self._response_format(params)
         room = self.max_model_len - n
         if room <= 0:
             raise ContextLengthError(f"the prompt has {n} tokens but the context length is {self.max_model_len}: "
                                      f"at most {self.max_model_len - 1} prompt tokens")
-        return room if params.max_tokens is None else min(params.max_tokens, room)
+        return (room if params.max_tokens is None else min(params.max_tokens, room)), node
 
-    def _guide(self, params: SamplingParams) -> Guide | None:
-        """The constraint of a `response_format` request (a compiled one, or the raw dict)."""
+    def _response_format(self, params: SamplingParams) -> Node | None:
+        """A request's `response_format`, compiled (the server compiles it already; a raw dict
+        is compiled here). The first guided request builds what constrained decoding knows of
+        the tokens, on the caller's thread."""
         try:
             node = compile_format(params.guided) if isinstance(params.guided, dict) else params.guided
-            if node is None:
-                return None
-            with self._vocab_lock:  # what the tokens are as JSON text: built for the first guided request
-                self._json_vocab = self._json_vocab or JsonVocab(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
-            return Guide(node, self._json_vocab)
+            if node is not None:
+                with self._vocab_lock:
+                    self._json_vocab = self._json_vocab or JsonVocab(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
+            return node
         except GuidedError as exc:
             raise InvalidRequest(str(exc), "response_format") from None
 
@@ -206,11 +211,14 @@ class Engine:
         what `check_prompt` returned, for a caller that checked already; None: checked here."""
         prompt = list(prompt)
         if max_tokens is None:
-            max_tokens = self.check_prompt(prompt, params)
+            max_tokens, node = self._check(prompt, params)
+        else:  # checked by the caller: its format compiled, the JSON vocabulary built
+            node = self._response_format(params)
         # The prompt's last ids as context: SentencePiece decoders then keep the first token's space.
         decoder = self.tokenizer.stream_decoder(prompt[-4:], skip_special_tokens=True)
         text = TextStream(decoder, params.stop, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-        req = Request(next(self._ids), prompt, params, max_tokens, text, sink, self._guide(params))
+        guide = None if node is None else Guide(node, self._json_vocab)  # one per request: it holds the row's state
+        req = Request(next(self._ids), prompt, params, max_tokens, text, sink, guide)
         with self.scheduler.lock:
             if self._closing or self._thread is None:
                 raise EngineClosed("the engine is not running")
@@ -332,7 +340,8 @@ class Engine:
             ids.append(req.prompt[start : start + todo] + [0] * (width - todo))
             positions.append([min(start + t, last) for t in range(width)])
         batch = torch.tensor([ids, positions]).to(self.device, non_blocking=True)
-        self.model.hidden_states(batch[0], batch[1], self.cache.rows(first_slot, first_slot + len(work)))
+        span = max(row[-1] for row in positions) + 1
+        self.model.hidden_states(batch[0], batch[1], self.cache.rows(first_slot, first_slot + len(work), span))
 
     def _decode(self) -> None:
         s = self.scheduler
@@ -369,7 +378,8 @@ class Engine:
         row feeds its last token at its own position. Returns `[n, vocab]` logits."""
         fed = torch.tensor([[r.tokens[-1], len(r.tokens) - 1] for r in running]).to(self.device, non_blocking=True)
         ids, positions = fed[:, :1].contiguous(), fed[:, 1:].contiguous()
-        return self.decode_logits(ids, positions, self.cache)
+        span = max(len(r.tokens) for r in running)  # known here: the step need not read it back
+        return self.decode_logits(ids, positions, self.cache, span)
 
     def _append(self, req: Request, token: int, logprob: float | None, top: list | None) -> None:
         """Add a sampled token to its request and send the text it releases."""
