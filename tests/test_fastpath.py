@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eeyore.model import Llama, linear as products, llama
-from eeyore.model.fastpath import ChosenLinear, KernelAttention, KernelMLP, KernelRMSNorm, speed_up
+from eeyore.model import KVCache, Llama, linear as products, llama
+from eeyore.model.fastpath import CacheAttention, ChosenLinear, KernelAttention, KernelMLP, KernelRMSNorm, speed_up
 from test_model import CONFIGS, random_model, tiny_config
 
 
@@ -56,6 +56,32 @@ def test_training_products_give_the_plain_gradients(product):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(ValueError, match="inference only"):
         speed_up(random_model(config), cpu_matmul="packed")
+
+
+def test_cache_attention_reads_each_key_once_and_gives_the_plain_logits(monkeypatch):
+    """Rows at different positions over stale slots, chunked prefill and decode: the folded query
+    heads give the plain model's logits, and no attention call repeats a key/value head."""
+    config = tiny_config(num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    plain, fast = random_model(config), random_model(config)
+    speed_up(fast, kernels="off", cpu_matmul="blas")
+    assert all(type(b.self_attn) is CacheAttention for b in fast.model.layers)
+    heads = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: heads.append((q.shape[1], k.shape[1])) or sdpa(q, k, v, **kw))
+    ids, stale = torch.randint(0, config.vocab_size, (2, 60)), torch.randint(0, config.vocab_size, (1, 75))
+    caches = [KVCache(config, slots=3, max_len=80) for _ in range(2)]
+    with torch.no_grad():
+        outs = []
+        for model, cache in zip((plain, fast), caches):
+            model(stale, torch.arange(75)[None], cache.rows(2, 3))  # row 1 reads these below position 5
+            chunks = [model(ids[:, a:a + 7], torch.arange(a, a + 7).expand(2, -1) + torch.tensor([[0], [5]]),
+                            cache.rows(1, 3)) for a in (0, 7, 14)]
+            steps = [model(ids[:, 21 + i:22 + i], torch.tensor([[21 + i], [26 + i]]), cache.rows(1, 3)) for i in range(8)]
+            outs.append(torch.cat(chunks + steps, dim=1))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    fast_calls = heads[len(heads) // 2:]  # the plain model's calls came first
+    assert fast_calls and all(q == k == 2 for q, k in fast_calls)
 
 
 def _plain_kernels(calls):
