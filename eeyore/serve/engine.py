@@ -15,9 +15,8 @@ like any other row's last token; so every token, the first included, is chosen b
 batched sampler call. Invariant: running rows are packed in slots [0, n) (the scheduler keeps
 them so), so the decode step is one forward over `cache.rows(0, n)`.
 
-A step that fails ends only the requests it can be blamed on: the prompts in a failed prefill,
-the rows whose sampling failed for the sampler; every running row only when the decode forward
-itself raises.
+A step that fails ends only the requests it can be blamed on: a failed prefill's prompts, the
+rows the sampler failed on, and every running row only when the decode forward itself raises.
 """
 from __future__ import annotations
 
@@ -174,7 +173,6 @@ class Engine:
         return self._check(prompt, params)[0]
 
     def _check(self, prompt: Sequence[int], params: SamplingParams) -> tuple[int, Node | None]:
-        """`check_prompt`'s budget and the request's compiled response_format (None without one)."""
         n, vocab = len(prompt), self.model.config.vocab_size
         if n == 0:
             raise InvalidRequest("the prompt is empty", "prompt")
@@ -193,27 +191,23 @@ class Engine:
         return (room if params.max_tokens is None else min(params.max_tokens, room)), node
 
     def _response_format(self, params: SamplingParams) -> Node | None:
-        """A request's `response_format`, compiled (the server compiles it already; a raw dict
-        is compiled here). The first guided request builds what constrained decoding knows of
-        the tokens, on the caller's thread."""
+        """The request's response_format compiled (a raw dict here; the server's already is).
+        The first guided request builds the tokens' JSON vocabulary, on the caller's thread."""
         try:
             node = compile_format(params.guided) if isinstance(params.guided, dict) else params.guided
-            if node is not None:
-                with self._vocab_lock:
-                    self._json_vocab = self._json_vocab or JsonVocab(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
-            return node
+            with self._vocab_lock:
+                if node is not None and self._json_vocab is None:
+                    self._json_vocab = JsonVocab(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
         except GuidedError as exc:
             raise InvalidRequest(str(exc), "response_format") from None
+        return node
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Output], None],
                bounded: bool = True, max_tokens: int | None = None) -> Request:
         """Queue a request; `sink` receives its outputs on the worker thread. `max_tokens` is
         what `check_prompt` returned, for a caller that checked already; None: checked here."""
         prompt = list(prompt)
-        if max_tokens is None:
-            max_tokens, node = self._check(prompt, params)
-        else:  # checked by the caller: its format compiled, the JSON vocabulary built
-            node = self._response_format(params)
+        max_tokens, node = self._check(prompt, params) if max_tokens is None else (max_tokens, self._response_format(params))
         # The prompt's last ids as context: SentencePiece decoders then keep the first token's space.
         decoder = self.tokenizer.stream_decoder(prompt[-4:], skip_special_tokens=True)
         text = TextStream(decoder, params.stop, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -257,9 +251,8 @@ class Engine:
     # ------------------------------------------------------------------ the step loop (worker thread)
 
     def _set_up(self) -> None:
-        # All tensor work happens on the worker thread, weight packing and the cache's first fill
-        # included: once a thread has run an OpenMP parallel region, libgomp runs another
-        # thread's regions markedly slower on a CPU with few cores.
+        # All tensor work happens on the worker thread, weight packing and the cache's first fill included:
+        # once a thread has run an OpenMP region, libgomp runs another thread's markedly slower on few cores.
         if self.fast_path is not None:  # may leave the model inference-only: see fastpath.speed_up
             self.decode_logits = for_inference(self.model, **self.fast_path)
         if self.cache is None:
@@ -354,9 +347,8 @@ class Engine:
         except Exception as exc:  # the model itself failed: no row can be told apart
             _fail(s.take_all(waiting=False), f"{type(exc).__name__}: {exc}")
             return
-        if self.trace is not None:
-            for i, req in enumerate(running):
-                self.trace(TraceRow(self.step, i, req.id, "decode", 1))
+        for i, req in enumerate(running if self.trace is not None else ()):
+            self.trace(TraceRow(self.step, i, req.id, "decode", 1))
         try:
             sampled = self.sampler(logits)
         except Exception:  # some row's parameters broke the batched call: find it, keep the others
