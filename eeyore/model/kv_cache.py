@@ -33,6 +33,7 @@ class KVCache:
         self.k, self.v = _views
         self.slots = self.k.shape[1]
         self._index_for: torch.Tensor | None = None  # the positions `_index` was built for
+        self._layers = torch.arange(self.k.shape[0], device=self.k.device).view(-1, 1, 1, 1)  # layer indices
 
     def rows(self, start: int, stop: int, span: int | None = None) -> "KVCache":
         """A view over slots [start, stop): batch row b of a forward pass is slot start + b.
@@ -74,27 +75,22 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v `[B, kv_heads, T, head_dim]` at `positions` `[B, T]`; return the first kv_len cached."""
+        # One index_put_ into the whole cache with a tensor for every index, for decode and prefill
+        # alike. Eager, that is the fast path of indexed assignment (a slice among the indices
+        # takes a far slower one); compiled, it stays a write in place, where a write through a
+        # view of the cache is turned into a copy of the whole cache at every step.
+        index = (self._layers[layer], *self._row_index(positions, k.shape[1]))
+        self.k.index_put_(index, k)
+        self.v.index_put_(index, v)
         batch = k.shape[0]
-        kl, vl = self.k[layer, :batch], self.v[layer, :batch]
-        if positions.shape[1] == 1:  # decode: one token per row, rows at different positions
-            # One index_copy_ over flat (row, head, position) vectors: ~40x faster on CPU than
-            # advanced-index assignment, which dominated the decode step at batch 16.
-            dim = kl.shape[3]
-            flat = self._decode_index(positions, kl.shape)
-            kl.view(-1, dim).index_copy_(0, flat, k.reshape(-1, dim))
-            vl.view(-1, dim).index_copy_(0, flat, v.reshape(-1, dim))
-        else:  # prefill: a contiguous run of positions per row
-            rows = torch.arange(batch, device=positions.device)[:, None]
-            kl[rows, :, positions] = k.transpose(1, 2)
-            vl[rows, :, positions] = v.transpose(1, 2)
-        return kl[:, :, :kv_len], vl[:, :, :kv_len]
+        return self.k[layer, :batch, :, :kv_len], self.v[layer, :batch, :, :kv_len]
 
-    def _decode_index(self, positions: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """Flat (row, head, position) indices of one decode step's entries in one layer's
-        contiguous slots [:batch]; the same for every layer, so built once per step."""
+    def _row_index(self, positions: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+        """(row, head, position) indices of a pass's entries: the same in every layer, so built
+        once per pass (keyed by its positions tensor)."""
         if self._index_for is not positions:
-            batch, heads, length = shape[:3]
-            rows = torch.arange(batch, device=positions.device)[:, None] * heads
-            self._index = ((rows + torch.arange(heads, device=positions.device)) * length + positions).reshape(-1)
+            device, batch = positions.device, positions.shape[0]
+            self._index = (torch.arange(batch, device=device)[:, None, None],
+                           torch.arange(heads, device=device)[None, :, None], positions[:, None, :])
             self._index_for = positions
         return self._index
