@@ -47,8 +47,10 @@ def test_compiled_decode_equals_transformers(tiny_ckpt, tiny_hf):
     prompts = PROMPTS[:3]
     with Engine.from_pretrained(tiny_ckpt, max_batch_size=2, max_model_len=64,
                                 fast_path={"compile": True}) as engine:
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # at start, by warm_up
         results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10), progress=False)
         assert engine.decode_logits.compiled
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled  # no request compiled
     for prompt, result in zip(prompts, results):
         assert result.token_ids == hf_greedy(tiny_hf, prompt, 10)
 

@@ -51,8 +51,7 @@ class DecodeStep:
         n = ids.shape[0]
         if not self.compiled:
             return self.model(ids, positions, cache.rows(0, n, span))[:, -1]
-        # CPU: one dynamic program; its batch starts at 2 because size 1 would be specialised.
-        bucket = min(cache.slots, max(1 << (n - 1).bit_length(), 1 if self.on_cuda else 2))
+        bucket = self._bucket(n, cache)
         if bucket > n:  # padding rows: token 0 at the last cache position (see module doc)
             ids = torch.cat([ids, ids.new_zeros(bucket - n, 1)])
             positions = torch.cat([positions, positions.new_full((bucket - n, 1), cache.max_len - 1)])
@@ -63,11 +62,30 @@ class DecodeStep:
                 torch._dynamo.mark_static_address(t)
         return self._program(self.model, ids, positions, cache.k, cache.v, cache.max_len, kv_len)[:n]
 
+    def _bucket(self, n: int, cache: KVCache) -> int:
+        # CPU: one dynamic program; its batch starts at 2 because size 1 would be specialised.
+        return min(cache.slots, max(1 << (n - 1).bit_length(), 1 if self.on_cuda else 2))
+
+    def warm_up(self, cache: KVCache) -> None:
+        """Compile, before the first request, every program the steps over `cache` will run:
+        each batch bucket (on CPU one dynamic program serves them all), at two lengths so that
+        the length is dynamic from the first program on. It writes keys at positions 0 and 1
+        (and padding at the last), which a request's prefill overwrites before reading them."""
+        if not self.compiled:
+            return
+        buckets = sorted({self._bucket(n, cache) for n in range(1, cache.slots + 1)})
+        for i, bucket in enumerate(buckets):
+            log.info("compiling the decode step for %d rows (%d of %d)", bucket, i + 1, len(buckets))
+            with torch.inference_mode():  # as the steps will run (grad mode is part of what a program assumes)
+                ids = torch.zeros(bucket, 1, dtype=torch.long, device=cache.k.device)
+                for position in (0, 1):
+                    self(ids, torch.full_like(ids, position), cache, position + 1)
+
 
 def for_inference(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", compile: bool = False) -> DecodeStep:
     """Swap the fast variants into `model` (inference-only from here) and give its decode step."""
     speed_up(model, kernels=kernels, cpu_matmul=cpu_matmul, inference=True, may_pack=not compile)
     if compile:
-        log.info("decode step compiled with torch.compile: the first step at each batch bucket compiles "
-                 "(minutes on CPU)")
+        log.info("decode step through torch.compile: compiled at start (minutes on CPU the first time; "
+                 "torch keeps the result on disk for the next start)")
     return DecodeStep(model, compile)

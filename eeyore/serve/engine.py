@@ -161,8 +161,7 @@ class Engine:
         return self.tokenizer.encode(self.template.render_prompt(messages, continue_final))
 
     def out_of_vocab(self, ids: Sequence[int]) -> int | None:
-        vocab = self.model.config.vocab_size
-        return next((t for t in ids if not 0 <= t < vocab), None)
+        return next((t for t in ids if not 0 <= t < self.model.config.vocab_size), None)
 
     def check_prompt(self, prompt: Sequence[int], params: SamplingParams) -> int:
         """The number of tokens the request may generate; InvalidRequest names what is wrong.
@@ -257,6 +256,7 @@ class Engine:
             self.decode_logits = for_inference(self.model, **self.fast_path)
         if self.cache is None:
             self.cache = KVCache(self.model.config, self.max_batch_size, self.max_model_len, self.dtype, self.device)
+        self.decode_logits.warm_up(self.cache)  # --compile: compiled here, not in a request's first step
         self.scheduler.cache = self.cache
 
     def _run(self, ready: list[BaseException | None]) -> None:
