@@ -171,3 +171,21 @@ def test_ready_header_timeout_and_sigterm(smollm2_dir, tmp_path):
             proc.kill()
         log.close()
     assert "stopping" in log_path.read_text()
+
+
+def test_sigterm_while_compiling_at_start_exits_at_once(tiny_ckpt, tmp_path):
+    """--compile compiles while the server loads (minutes for a real model): a SIGTERM then ends
+    the process without waiting for the load, so the later batch buckets are never compiled."""
+    log_path = tmp_path / "server.log"
+    proc, port, log = start(["--model", str(tiny_ckpt), "--compile", "--max-batch-size", "4", "--max-model-len", "64"],
+                            log_path)
+    try:
+        wait_for_line(log_path, "compiling the decode step for 2 rows (1 of 2)", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = log_path.read_text()
+    assert "stopped" in text and "(2 of 2)" not in text and "ready: " not in text, text

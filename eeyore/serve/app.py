@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,7 +70,20 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, api_key: str 
     app[SETTINGS] = Settings(model_name, api_key, max_body_bytes, max_messages, strict_model_name)
 
     async def start_loading(app: web.Application) -> None:
-        app[LOADING] = asyncio.get_running_loop().run_in_executor(None, lambda: load_engine().start())
+        # Its own daemon thread, not the loop's executor (whose threads the interpreter waits for
+        # at exit): a server stopped while loading, which with --compile takes minutes, exits at once.
+        loop = asyncio.get_running_loop()
+        app[LOADING] = loaded = loop.create_future()
+
+        def load() -> None:
+            try:
+                outcome = (loaded.set_result, load_engine().start())
+            except Exception as exc:  # handed to the loop, which reports it and ends the server
+                outcome = (loaded.set_exception, exc)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(*outcome)
+
+        threading.Thread(target=load, name="eeyore-load", daemon=True).start()
 
     async def stop_engine(app: web.Application) -> None:
         loading = app[LOADING]
