@@ -75,13 +75,19 @@ def create_app(load_engine: Callable[[], Engine], model_name: str, api_key: str 
         loop = asyncio.get_running_loop()
         app[LOADING] = loaded = loop.create_future()
 
+        def settle(setter: Callable[[Any], None], value: Any) -> None:  # on the loop
+            if not loaded.done():
+                setter(value)
+
         def load() -> None:
             try:
                 outcome = (loaded.set_result, load_engine().start())
             except Exception as exc:  # handed to the loop, which reports it and ends the server
                 outcome = (loaded.set_exception, exc)
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(*outcome)
+            try:
+                loop.call_soon_threadsafe(settle, *outcome)
+            except RuntimeError:  # the loop has closed: the server stopped while this loaded
+                pass
 
         threading.Thread(target=load, name="eeyore-load", daemon=True).start()
 
