@@ -42,6 +42,7 @@ def markdown(r: dict) -> str:
             lines.append(f"| {k} | {_ms(v['triton_s'])} | {_ms(v['eager_s'])} | {_ms(v['compile_s'])} | {_mib(v['triton_peak_bytes'])} | "
                          f"{_mib(v['eager_peak_bytes'])} | {_mib(v['compile_peak_bytes'])} | {bws} |")
         lines.append("")
+        lines += _fused_loss_memory(r["kernel_speed"].get("linear_cross_entropy", {}))
     p = r.get("parity", {})
     if "max_abs_diff" in p:
         lines += [f"bf16 logits against transformers (tiny random Llama): max |diff| {p['max_abs_diff']:.3g}, relative error "
@@ -61,7 +62,18 @@ def markdown(r: dict) -> str:
     if "out tok/s" in sv:
         lines += [f"Server ({sv['model']}, {sv['streams']} streams, {sv['requests']} requests x {sv['max_tokens']} tokens): "
                   f"{sv['out tok/s']:.0f} output tokens/s, {sv['req/s']:.2f} req/s, TTFT p50 {sv['TTFT p50 s']:.3f} s, "
-                  f"TPOT p50 {sv['TPOT p50 ms']:.1f} ms.", ""]
+                  f"TPOT p50 {sv['TPOT p50 ms']:.1f} ms; ready {sv['ready_s']:.0f} s after start.", ""]
+    c = r.get("compiled_decode", {})
+    if "compiled batch 1" in c:
+        lines += [f"Greedy decode, the same model, eager against the compiled step ({c['layers']} layers, {c['steps']} steps timed, median):", "",
+                  "| batch | eager ms/step | compiled ms/step | speed-up | weights read, eager / compiled, of copy bandwidth | "
+                  "compile + capture s | greedy tokens equal for |", "|---|---|---|---|---|---|---|"]
+        for batch in (1, 32):
+            e, k = c[f"eager batch {batch}"], c[f"compiled batch {batch}"]
+            lines.append(f"| {batch} | {_ms(e['step_s'])} | {_ms(k['step_s'])} | {e['step_s'] / k['step_s']:.2f}x | "
+                         f"{_pct(e['weight_bandwidth_fraction'])} / {_pct(k['weight_bandwidth_fraction'])} | {k['first_steps_s']:.1f} | "
+                         f"{c[f'batch {batch} tokens_equal_until']} of {c[f'batch {batch} tokens_compared']} steps |")
+        lines.append("")
     return "\n".join(lines)
 
 

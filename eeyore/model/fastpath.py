@@ -155,21 +155,36 @@ def _kernel(name: str):
     return getattr(importlib.import_module("kernels"), name)
 
 
+# Under torch.compile (the compiled decode step) each kernel module runs the plain code instead:
+# the compiler fuses the norm, RoPE and SwiGLU into kernels of its own, and a call into ours
+# would split its graph at every layer (each piece then compiled again per layer, over the
+# compiler's recompile limit, and no CUDA graph of the whole step).
+_compiling = torch.compiler.is_compiling
+
+
 class KernelRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            return super().forward(x)
         return _kernel("rms_norm")(x, self.weight, self.eps)
 
 
 class KernelMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _compiling():
+            return super().forward(x)
         return self.down_proj(_kernel("swiglu")(self.gate_proj(x), self.up_proj(x)))
 
 
 class KernelAttention(CacheAttention):
     def rope(self, q, k, cos, sin):
+        if _compiling():
+            return super().rope(q, k, cos, sin)
         return _kernel("apply_rope")(q, k, cos, sin)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if _compiling():
+            return super().attend(q, k, v, ctx)
         if ctx.cache is not None and _on_gpu(q):
             return _cached(q, k, v, ctx)
         flash = _flash_attn()
