@@ -67,11 +67,12 @@ def markdown(r: dict) -> str:
     if "compiled batch 1" in c:
         lines += [f"Greedy decode, the same model, eager against the compiled step ({c['layers']} layers, {c['steps']} steps timed, median):", "",
                   "| batch | eager ms/step | compiled ms/step | speed-up | weights read, eager / compiled, of copy bandwidth | "
-                  "compile + capture s | greedy tokens equal for |", "|---|---|---|---|---|---|---|"]
+                  "compile + capture s | first step's logits, relative error | greedy tokens equal for |", "|---|---|---|---|---|---|---|---|"]
         for batch in (1, 32):
             e, k = c[f"eager batch {batch}"], c[f"compiled batch {batch}"]
             lines.append(f"| {batch} | {_ms(e['step_s'])} | {_ms(k['step_s'])} | {e['step_s'] / k['step_s']:.2f}x | "
                          f"{_pct(e['weight_bandwidth_fraction'])} / {_pct(k['weight_bandwidth_fraction'])} | {k['first_steps_s']:.1f} | "
+                         f"{c[f'batch {batch} first_logits_relative_error']:.1e} | "
                          f"{c[f'batch {batch} tokens_equal_until']} of {c[f'batch {batch} tokens_compared']} steps |")
         lines.append("")
     return "\n".join(lines)

@@ -372,7 +372,7 @@ def compiled_decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
     rows: dict = {"steps": steps, "layers": config.num_hidden_layers}
     for batch in (1, 32):
         ids = torch.randint(0, config.vocab_size, (batch, prompt), device=ctx.device)
-        tokens = {}
+        tokens, first_logits = {}, {}
         for name, step in (("eager", DecodeStep(model)), ("compiled", DecodeStep(model, compile=True))):
             cache = KVCache(config, batch, prompt + first + steps + 1, dtype, ctx.device)
             with torch.inference_mode():
@@ -382,7 +382,9 @@ def compiled_decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
                     cuda_sync()
                     start = time.perf_counter()
                     positions = torch.full((batch, 1), prompt + i, device=ctx.device)
-                    token = step(token, positions, cache, span=prompt + i + 1).argmax(-1, keepdim=True)
+                    logits = step(token, positions, cache, span=prompt + i + 1)
+                    first_logits[name] = logits.float() if i == 0 else first_logits[name]
+                    token = logits.argmax(-1, keepdim=True)
                     out.append(token)
                     cuda_sync()
                     times.append(time.perf_counter() - start)
@@ -395,6 +397,9 @@ def compiled_decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
         agree = (tokens["eager"] == tokens["compiled"]).all(0).tolist()  # step i: every row agrees
         rows[f"batch {batch} tokens_equal_until"] = agree.index(False) if False in agree else len(agree)
         rows[f"batch {batch} tokens_compared"] = len(agree)
+        # the first step's logits, from the same cache and tokens: the parity measure that does
+        # not depend on near-ties (random weights give flat logits, so greedy paths part early)
+        rows[f"batch {batch} first_logits_relative_error"] = relative_error(first_logits["compiled"], first_logits["eager"])
     return rows
 
 

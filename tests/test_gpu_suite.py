@@ -47,6 +47,7 @@ def test_dry_run_exercises_every_section(tmp_path, monkeypatch, tiny_ckpt):
     c = results["compiled_decode"]
     assert c["batch 1 tokens_equal_until"] == c["batch 1 tokens_compared"] == 5  # 1 compiling step, 4 timed
     assert c["batch 32 tokens_equal_until"] == c["batch 32 tokens_compared"] == 5
+    assert c["batch 1 first_logits_relative_error"] < 1e-5 and c["batch 32 first_logits_relative_error"] < 1e-5
     assert markdown.startswith("## GPU suite: CPU") and "| linear_cross_entropy |" in markdown
     assert "Fused cross-entropy peak memory" not in markdown  # no device peaks on the CPU
     assert "eager against the compiled step" in markdown and "| 32 |" in markdown and "Server (" in markdown

@@ -19,6 +19,7 @@ attention's `rope` / `attend`), as gpt-fast swaps modules for its quantised ones
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections import Counter
@@ -220,6 +221,7 @@ def swap_kernel_modules(model: nn.Module) -> None:
         _swap(model, plain, fast)
 
 
+@functools.cache  # looked up once: a failed import is not cached by Python and costs ~70 µs per layer per step
 def _flash_attn() -> Any | None:
     try:
         return importlib.import_module("flash_attn")
