@@ -34,7 +34,8 @@ def markdown(r: dict) -> str:
         lines += [f"| {k} | {v['max_relative_error']:.1e} | {v['tolerance']:.0e} | {'pass' if v['passed'] else '**FAIL**'} |" for k, v in r["kernels"].items()]
         lines.append("")
     if "error" not in r.get("kernel_speed", {"error": 1}):
-        lines += ["Forward + backward, ms and peak MiB above the inputs; forward bandwidth as a fraction of the copy's:", "",
+        lines += ["Forward + backward, ms and peak MiB above the inputs; forward bandwidth as a fraction of the copy's "
+                  "(on a GPU, timed by replaying a CUDA graph of the forward):", "",
                   "| kernel | Triton ms | eager ms | compile ms | Triton MiB | eager MiB | compile MiB | fwd bw Triton / eager / compile |",
                   "|---|---|---|---|---|---|---|---|"]
         for k, v in r["kernel_speed"].items():

@@ -10,6 +10,7 @@ Sections (each is recorded even when another fails; a failure is one line in the
                 and of every gradient, at most 1e-2 in bf16 and 1e-5 in fp32
   kernel_speed  each kernel's forward + backward time and peak memory against the eager reference and
                 torch.compile of it (bf16), and the forward's achieved bandwidth for the memory-bound ones
+                (its time from a CUDA graph's replay, so the launch's host cost is left out)
   parity        bf16 logits of our Llama against transformers' on a tiny random config
   sft           one SFT optimizer step of a Llama-3.2-1B-shaped model (random weights, bf16), and its MFU
   decode        greedy decode of a Llama-3.1-8B-shaped bf16 model (random weights) at batch 1 and 32, as
@@ -83,6 +84,23 @@ def timed(fn, warmup: int, repeats: int) -> float:
         cuda_sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def replayed(fn, ctx: argparse.Namespace, calls: int = 20) -> float:
+    """Median seconds per call of `fn()` replayed from one CUDA graph of `calls` calls: the
+    kernels' own time. Timed from the host, a call of 0.1 ms is mostly its launch (Triton's
+    Python launcher alone takes tens of microseconds), which says nothing of the kernel."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: first calls compile and allocate
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, ctx.warmup, ctx.repeats) / calls
 
 
 def peak_bytes(fn) -> int | None:
@@ -203,7 +221,7 @@ def kernel_speed(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
             row[f"{side}_peak_bytes"] = peak_bytes(lambda: forward_backward(fn, inputs, up))
             if fwd_bytes and bytes_per_s:
                 with torch.no_grad():
-                    seconds = timed(lambda: fn(*inputs), ctx.warmup, ctx.repeats)
+                    seconds = replayed(lambda: fn(*inputs), ctx) if ctx.cuda else timed(lambda: fn(*inputs), ctx.warmup, ctx.repeats)
                 row[f"{side}_forward_bandwidth_fraction"] = fwd_bytes / seconds / bytes_per_s
         rows[name] = row
     return rows
