@@ -20,12 +20,14 @@ def _pct(x: float | None) -> str:
 def markdown(r: dict) -> str:
     env = r["environment"]
     lines = [f"## GPU suite: {env['device']}", "",
-             f"`python bench/gpu_suite.py`{' --dry-run-cpu (tiny shapes: proves the code paths, measures nothing)' if env['dry_run'] else ''}; "
+             f"`{r.get('command', 'python bench/gpu_suite.py')}`{' (tiny shapes: proves the code paths, measures nothing)' if env['dry_run'] else ''}; "
              f"torch {env['torch']}, triton {env['triton']}, {r['seconds']:.0f} s in all.", ""]
     failed = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and "error" in v}
     skipped = {k: v["skipped"] for k, v in r.items() if isinstance(v, dict) and "skipped" in v}
     for name, why in {**failed, **skipped}.items():
         lines.append(f"- **{name}**: {'failed' if name in failed else 'skipped'}: {why}")
+    if failed or skipped:
+        lines.append("")
     bw = r.get("bandwidth", {}).get("bytes_per_s")
     if bw:
         lines += [f"Measured copy bandwidth: **{bw / 1e9:.0f} GB/s** (read + write of a {r['bandwidth']['buffer_bytes'] >> 20} MiB buffer).", ""]
@@ -66,7 +68,8 @@ def markdown(r: dict) -> str:
                   f"TPOT p50 {sv['TPOT p50 ms']:.1f} ms; ready {sv['ready_s']:.0f} s after start.", ""]
     c = r.get("compiled_decode", {})
     if "compiled batch 1" in c:
-        lines += [f"Greedy decode, the same model, eager against the compiled step ({c['layers']} layers, {c['steps']} steps timed, median):", "",
+        lines += [f"Greedy decode, the same model, eager against the compiled step ({c['layers']} layers; median of {c['steps']} timed "
+                  "steps, after the untimed first ones; greedy agreement counts every step):", "",
                   "| batch | eager ms/step | compiled ms/step | speed-up | weights read, eager / compiled, of copy bandwidth | "
                   "compile + capture s | first step's logits, relative error | greedy tokens equal for |", "|---|---|---|---|---|---|---|---|"]
         for batch in (1, 32):

@@ -176,13 +176,19 @@ async def run_level(url: str, streams: int, requests: int, max_tokens: int, natu
     }
 
 
-def start_server(cmd: list[str], port: int) -> subprocess.Popen:
+def start_server(cmd: list[str], port: int, ready_within: float = 1800.0) -> subprocess.Popen:
+    """The server process once /health answers 200 (`ready_within` seconds at most: a compiling
+    start takes minutes); if it exits, hangs or is interrupted first, it is stopped and the
+    error names the last line it wrote."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/health"
+    deadline = time.monotonic() + ready_within
 
     async def wait_ready() -> None:
         async with aiohttp.ClientSession() as session:
             while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the server was not ready within {ready_within:.0f} s")
                 try:
                     async with session.get(url) as resp:
                         if resp.status == 200:
@@ -190,9 +196,16 @@ def start_server(cmd: list[str], port: int) -> subprocess.Popen:
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.5)
-        raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        lines = [line for line in proc.stderr.read().splitlines() if line.strip()]
+        # the last line first: it names the cause (a one-line report keeps only the first)
+        raise RuntimeError(f"server exited with {proc.returncode}: {lines[-1] if lines else 'no output'}\n" + "\n".join(lines[-20:]))
 
-    asyncio.run(wait_ready())
+    try:
+        asyncio.run(wait_ready())
+    except BaseException:  # an interrupt too: never leave a server behind
+        proc.kill()
+        proc.wait()
+        raise
     threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its pipe drained
     return proc
 

@@ -22,7 +22,7 @@ def test_without_a_gpu_it_says_so_in_one_line_and_exits_2():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(SUITE)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2
-    assert done.stdout.count("\n") == 1 and done.stdout.startswith("gpu_suite: no CUDA device")
+    assert done.stdout == "" and done.stderr.count("\n") == 1 and done.stderr.startswith("gpu_suite: no CUDA device")
 
 
 def test_dry_run_exercises_every_section(tmp_path, monkeypatch, tiny_ckpt):
@@ -51,3 +51,28 @@ def test_dry_run_exercises_every_section(tmp_path, monkeypatch, tiny_ckpt):
     assert markdown.startswith("## GPU suite: CPU") and "| linear_cross_entropy |" in markdown
     assert "Fused cross-entropy peak memory" not in markdown  # no device peaks on the CPU
     assert "eager against the compiled step" in markdown and "| 32 |" in markdown and "Server (" in markdown
+
+
+def _suite(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    suite = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_suite", suite)
+    spec.loader.exec_module(suite)
+    return suite
+
+
+def test_a_server_model_that_does_not_exist_fails_the_run(tmp_path, monkeypatch):
+    """A model the user named is a failure when missing (exit 1), not a skipped section."""
+    suite = _suite(monkeypatch)
+    code = suite.main(["--dry-run-cpu", "--out", str(tmp_path), "--only", "server", "--server-model", str(tmp_path / "none")])
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert code == 1 and "error" in results["server"], results["server"]
+    assert "--server-model" in results["command"]
+
+
+def test_out_must_be_a_folder(tmp_path, monkeypatch, capsys):
+    suite = _suite(monkeypatch)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        suite.main(["--dry-run-cpu", "--out", str(tmp_path / "afile")])
+    assert exit.value.code == 2 and "is a file" in capsys.readouterr().err
