@@ -129,6 +129,7 @@ def bench_step(args: argparse.Namespace) -> None:
     ours = load_sharded(str(model_dir), d, zero_stage=2)
     speed_up(ours, cpu_matmul=args.cpu_matmul)  # as the trainers do at start (--cpu_matmul)
     flags = ["--dataset", "-", "--train_batch_size", str(args.batch), "--micro_train_batch_size", str(args.batch), "--l2", "0.01"]
+    flags += ["--deepcompile"] if args.deepcompile else []
     trainer = Trainer(sft.parse_args(flags), d, ours, tok, sft.SFTRecipe(0), [None] * args.batch)
 
     theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -339,6 +340,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("step", "loss", "packing", "variants"), default=None, help="run one of the CPU benchmarks (variants: full vs LoRA vs --adam_offload; not in the default run)")
     parser.add_argument("--packing-max-len", type=int, default=2048, help="--max_len of the packing benchmark's conversations")
     parser.add_argument("--packing-fraction", type=float, default=1.0, help="packing benchmark: keep the first fraction of each conversation (a quicker run, same spread of lengths)")
+    parser.add_argument("--deepcompile", action="store_true", help="step benchmark: our trainer with --deepcompile (each "
+                        "block through torch.compile; its first steps compile, outside the timing) (default off)")
     parser.add_argument("--mfu", action="store_true", help="CUDA only: MFU of a Llama-3.2-1B-shaped model in bf16 (uses --batch, --seq, --steps)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, when not an H100/H200/A100")
     args = parser.parse_args()
