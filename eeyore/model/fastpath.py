@@ -157,10 +157,10 @@ def _kernel(name: str):
 
 
 # Under torch.compile (the compiled decode step, a block under the trainers' --deepcompile) each
-# kernel module runs the plain code instead:
-# the compiler fuses the norm, RoPE and SwiGLU into kernels of its own, and a call into ours
-# would split its graph at every layer (each piece then compiled again per layer, over the
-# compiler's recompile limit, and no CUDA graph of the whole step).
+# kernel module runs the plain code instead: the compiler fuses the norm, RoPE and SwiGLU into
+# kernels of its own, and a call into ours would split its graph at every layer (each piece
+# then compiled again per layer, over the compiler's recompile limit, and no CUDA graph of the
+# whole step).
 _compiling = torch.compiler.is_compiling
 
 
