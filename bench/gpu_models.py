@@ -81,15 +81,24 @@ def sft(ctx: argparse.Namespace) -> dict:
             "flops_per_s": flops, "mfu": flops / peak if peak else None}
 
 
-def decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
+def decode_model(ctx: argparse.Namespace) -> tuple:
+    """The decode sections' model: the 8B shape (2 tiny layers in the dry run) with random weights,
+    sped up as the server does (packing off: the compiled step uses it too), the bytes of weights
+    a step reads (all but the embedding table) and whether the Triton kernels are on."""
     from eeyore.model.fastpath import speed_up
-    from eeyore.model.kv_cache import KVCache
 
     config = llama_config(ctx.decode_layers, not ctx.cuda, **LLAMA_8B)
-    dtype = torch.bfloat16 if ctx.cuda else torch.float32
-    model = random_model(config, dtype, ctx.device)
-    kernels_on = speed_up(model, kernels="auto", cpu_matmul="blas", inference=True)["kernels"]  # as the server does
+    model = random_model(config, torch.bfloat16 if ctx.cuda else torch.float32, ctx.device)
+    kernels_on = speed_up(model, kernels="auto", cpu_matmul="blas", inference=True, may_pack=False)["kernels"]
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    return model, weight_bytes, kernels_on
+
+
+def decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
+    from eeyore.model.kv_cache import KVCache
+
+    model, weight_bytes, kernels_on = decode_model(ctx)
+    config, dtype = model.config, model.lm_head.weight.dtype
     prompt, steps = (512, 64) if ctx.cuda else (8, 4)
     rows = {}
     for batch in (1, 32):
@@ -173,14 +182,10 @@ def compiled_decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
     synchronisation, as in the engine (which reads the sampled tokens back); the compiled step
     reads the whole cache, as the engine's does on CUDA (a CUDA graph has fixed sizes)."""
     from eeyore.model.decode import DecodeStep
-    from eeyore.model.fastpath import speed_up
     from eeyore.model.kv_cache import KVCache
 
-    config = llama_config(ctx.decode_layers, not ctx.cuda, **LLAMA_8B)
-    dtype = torch.bfloat16 if ctx.cuda else torch.float32
-    model = random_model(config, dtype, ctx.device)
-    speed_up(model, kernels="auto", cpu_matmul="blas", inference=True, may_pack=False)  # as `--compile` does
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    model, weight_bytes, _ = decode_model(ctx)
+    config, dtype = model.config, model.lm_head.weight.dtype
     prompt, steps, first = (512, 64, 2) if ctx.cuda else (8, 4, 1)
     rows: dict = {"steps": steps, "layers": config.num_hidden_layers}
     for batch in (1, 32):
@@ -196,7 +201,8 @@ def compiled_decode(ctx: argparse.Namespace, bytes_per_s: float | None) -> dict:
                     start = time.perf_counter()
                     positions = torch.full((batch, 1), prompt + i, device=ctx.device)
                     logits = step(token, positions, cache, span=prompt + i + 1)
-                    first_logits[name] = logits.float() if i == 0 else first_logits[name]
+                    if i == 0:
+                        first_logits[name] = logits.float()
                     token = logits.argmax(-1, keepdim=True)
                     out.append(token)
                     cuda_sync()
