@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from eeyore.model import KVCache, Llama
+from eeyore.model import KVCache, Llama, linear
 from eeyore.model.decode import DecodeStep, for_inference
 from eeyore.model.tokenizer import Tokenizer
 from eeyore.model.pretrained import resolve_dtype, resolve_model_dir
@@ -111,11 +111,12 @@ def main() -> None:
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     ours = Llama.from_pretrained(model_dir, dtype=dtype)
     nbytes, pass_s = weight_bytes(theirs), weight_pass_seconds(theirs)
-    steps = {"eager": for_inference(ours, cpu_matmul=args.cpu_matmul)}
-    if args.compile:
-        steps["compiled"] = DecodeStep(ours, compile=True)
+    # with --compile the weights stay plain (the compiler takes no packed copies) for both steps
+    compiled = for_inference(ours, cpu_matmul=args.cpu_matmul, compile=args.compile)
+    steps = {"eager": DecodeStep(ours), **({"compiled": compiled} if args.compile else {})}
     vocab = ours.config.vocab_size
     print(cpu_description())
+    print("CPU products chosen: " + ", ".join(f"{k} {v}" for k, v in linear.chosen().items()))
     print(f"model {model_dir.name}  dtype {dtype}  weights {nbytes / 2**20:.0f} MiB, one pass over them "
           f"{pass_s * 1e3:.1f} ms ({nbytes / pass_s / 1e9:.1f} GB/s)")
     print(f"{'test':<26}{'eeyore tok/s':>14}{'transformers':>14}{'ratio':>8}{'bound tok/s':>13}{'of bound':>10}")

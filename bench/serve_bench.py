@@ -54,7 +54,7 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------- the baseline server
 
 
-def run_baseline_server(port: int, threads: int | None) -> None:
+def run_baseline_server(port: int, threads: int | None, dtype: str = "float32") -> None:
     """One request at a time through transformers `generate`, like the reference server."""
     import torch
     import transformers
@@ -67,7 +67,7 @@ def run_baseline_server(port: int, threads: int | None) -> None:
 
     model_dir = default_model_dir()
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     eos = tok.eos_token_id
     lock = asyncio.Lock()
 
@@ -226,7 +226,8 @@ def main() -> None:
     p.add_argument("--natural", action="store_true",
                    help="replies stop where the model samples end-of-turn (no ignore_eos), as in real use")
     p.add_argument("--requests", type=int, default=4, help="requests per level at least (default 4)")
-    p.add_argument("--dtype", default="float32", help="our server's --dtype (the baseline runs float32)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="both servers' dtype (default float32; bfloat16 wants a CPU with bf16 instructions)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of both servers (default: torch's choice)")
     p.add_argument("--skip-baseline", action="store_true", help="measure our server only")
     p.add_argument("--compile", action="store_true",
@@ -236,7 +237,7 @@ def main() -> None:
     if args.max_tokens is None:
         args.max_tokens = 1024 if args.natural else 64
     if args.baseline_server is not None:
-        return run_baseline_server(args.baseline_server, args.threads)
+        return run_baseline_server(args.baseline_server, args.threads, args.dtype)
 
     flags = ["--temperature", "1.0", "--top-p", "0.8", "--exponential-decay-length-penalty", "0", "1.01"]
     threads = ["--threads", str(args.threads)] if args.threads else []
@@ -246,7 +247,8 @@ def main() -> None:
                  "--max-batch-size", str(max(args.levels)), "--max-model-len", str(max(1024, 2 * args.max_tokens)), "--dtype", args.dtype,
                  "--sequence-bias", "[[[2], -4.0]]", *flags, *threads,  # id 2 = <|im_end|>, SmolLM2's eos
                  *(["--compile"] if args.compile else [])],
-        "baseline": [sys.executable, os.path.abspath(__file__), "--baseline-server", str(ports["baseline"]), *threads],
+        "baseline": [sys.executable, os.path.abspath(__file__), "--baseline-server", str(ports["baseline"]), *threads,
+                     "--dtype", args.dtype],
     }
     names = ["ours"] if args.skip_baseline else ["ours", "baseline"]
     # Both servers stay up and the levels alternate between them, so each ratio compares two

@@ -44,6 +44,25 @@ def test_every_cpu_product_gives_the_plain_logits(tmp_path, name, product):
             fast.save_pretrained(tmp_path / "out")
 
 
+@pytest.mark.skipif(torch.bfloat16 not in products.DTYPES, reason="this CPU's oneDNN has no bf16")
+@pytest.mark.parametrize("product", ["auto", "packed"])
+def test_bf16_inference_packs_and_gives_the_plain_logits(tmp_path, product):
+    ckpt = _checkpoint(tmp_path, "gqa-untied-llama3")
+    plain, fast = Llama.from_pretrained(ckpt, dtype=torch.bfloat16), Llama.from_pretrained(ckpt, dtype=torch.bfloat16)
+    summary = speed_up(fast, kernels="off", cpu_matmul=product, inference=True)
+    packed = summary["cpu_matmul"]["few"] == "packed"
+    assert product == "auto" or packed
+    assert (fast.model.layers[0].self_attn.q_proj.weight.layout == torch._mkldnn) == packed
+    ids = torch.randint(0, 320, (2, 40))
+    with torch.no_grad():
+        for rows in (ids[:, :1], ids):
+            torch.testing.assert_close(fast(rows), plain(rows), rtol=2e-2, atol=2e-2)
+    # bf16 training keeps F.linear: nothing is measured, nothing swapped
+    trained = Llama.from_pretrained(ckpt, dtype=torch.bfloat16)
+    assert "cpu_matmul" not in speed_up(trained, kernels="off", cpu_matmul="onednn")
+    assert not any(type(m) is ChosenLinear for m in trained.modules())
+
+
 @pytest.mark.parametrize("product", ["blas", "onednn"])
 def test_training_products_give_the_plain_gradients(product):
     config = tiny_config(**CONFIGS["mha-tied"])

@@ -60,9 +60,37 @@ def test_only_the_input_needs_a_gradient():
     torch.testing.assert_close(x.grad, w.sum(0).expand(4, -1), rtol=1e-5, atol=1e-4)
 
 
+BF16 = pytest.mark.skipif(torch.bfloat16 not in products.DTYPES, reason="this CPU's oneDNN has no bf16")
+
+
+@BF16
+@pytest.mark.parametrize("product", products.PRODUCTS)
+@pytest.mark.parametrize("shape", [(1, 64), (2, 7, 64), (517, 64)])
+def test_bf16_inference_equals_f_linear(shape, product):
+    # bf16 F.linear is oneDNN on the plain weight; the packed copy must give the same numbers
+    torch.manual_seed(0)
+    x, w = torch.randn(shape).bfloat16(), torch.randn(96, 64).bfloat16()
+    assert uses_onednn(x, w)
+    with torch.inference_mode():
+        out = linear(x, pack_weight(w) if product == "packed" else w, product)
+    assert out.dtype == torch.bfloat16 and out.shape == (*shape[:-1], 96)
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1.6e-2, atol=1e-2)
+
+
+@BF16
+def test_bf16_products_are_chosen_for_inference_only():
+    choice = products.choose([(2, 96, 64), (1, 320, 64)], "auto", inference=True, dtype=torch.bfloat16)
+    assert choice["few"] in products.PRODUCTS
+    assert products.choose([(1, 96, 64)], "packed", dtype=torch.bfloat16)["few"] == "packed"
+    with pytest.raises(ValueError, match="inference only"):
+        products.choose([(1, 96, 64)], "auto", inference=False, dtype=torch.bfloat16)
+
+
 def test_other_dtypes_and_empty_inputs_take_f_linear():
     w = torch.randn(96, 64)
-    assert not uses_onednn(torch.randn(2, 64, dtype=torch.bfloat16), w.bfloat16())
+    assert not uses_onednn(torch.randn(2, 64, dtype=torch.float16), w.half())
+    assert not uses_onednn(torch.randn(2, 64, dtype=torch.bfloat16), w)  # mixed dtypes
+    assert products.choose([(1, 96, 64)], "auto", dtype=torch.float16) == {"few": "blas", "many": "blas", "few_plain": "blas"}
     assert not uses_onednn(torch.randn(0, 64), w)
     assert linear(torch.randn(0, 64), w, "onednn").shape == (0, 96)
 

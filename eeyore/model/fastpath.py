@@ -6,9 +6,9 @@ never what: each module keeps its parameters and names (checkpoints, FSDP and op
 same model) and only its class is swapped for a subclass that overrides `forward` (or the
 attention's `rope` / `attend`), as gpt-fast swaps modules for its quantised ones.
 
-- CPU fp32 products (`cpu_matmul`): every `nn.Linear` computes through `linear.linear`, whose
-  product per row class is measured on this machine for the model's weight shapes (see
-  `linear.py`); for inference the weights may be replaced by packed copies.
+- CPU products (`cpu_matmul`; fp32, and bf16 for inference): every `nn.Linear` computes through
+  `linear.linear`, whose product per row class is measured on this machine for the model's
+  weight shapes (see `linear.py`); for inference the weights may be replaced by packed copies.
 - Attention over the KV cache (always): the query heads that share a key/value head are folded
   into that head's query rows, so one SDPA call reads each cached key once (`CacheAttention`).
 - Kernels (`kernels`, CUDA): RMSNorm, RoPE and SwiGLU through the Triton kernels of the top-level
@@ -46,8 +46,8 @@ def add_arguments(parser: Any, style: str = "-") -> None:
                              "packed rows and decode when installed): auto = on for a CUDA model when triton imports, "
                              "off on CPU" + default)
     parser.add_argument(f"--cpu{style}matmul", choices=CPU_MATMUL_MODES, default="auto",
-                        help="product for fp32 CPU projections: auto = the fastest measured at start on this "
-                             "machine for the model's shapes; blas = F.linear; onednn = oneDNN on the plain "
+                        help="product for CPU projections in fp32 or bf16: auto = the fastest "
+                             "measured at start on this machine for the model's shapes; blas = F.linear; onednn = oneDNN on the plain "
                              "weights; packed = oneDNN on packed copies (inference only)" + default)
 
 
@@ -66,7 +66,8 @@ def speed_up(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", infe
         swap_kernel_modules(model)
     else:
         _swap(model, Attention, CacheAttention)
-    if param.device.type == "cpu" and param.dtype == torch.float32:
+    # bf16 only for inference: in training F.linear is already oneDNN, and packing is what bf16 gains.
+    if param.device.type == "cpu" and (param.dtype == torch.float32 or inference and param.dtype == torch.bfloat16):
         summary["cpu_matmul"] = _swap_linears(model, cpu_matmul, inference, may_pack)
     log.info("fast path: %s", summary)
     return summary
@@ -86,7 +87,8 @@ def _swap_linears(model: nn.Module, forced: str, inference: bool, may_pack: bool
         raise ValueError(f"--cpu-matmul {forced}: use one of {', '.join(CPU_MATMUL_MODES)}")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     shapes = Counter(tuple(m.weight.shape) for m in linears)
-    choice = products.choose([(count, n, k) for (n, k), count in shapes.items()], forced, inference, may_pack)
+    dtype = linears[0].weight.dtype
+    choice = products.choose([(count, n, k) for (n, k), count in shapes.items()], forced, inference, may_pack, dtype)
     for m in linears:
         m.__class__ = ChosenLinear
     if choice["few"] == "packed":  # inference only (`choose` refuses it otherwise)

@@ -1,4 +1,4 @@
-"""`x @ weight.T` on CPU in fp32 by whichever product is fastest on the machine at hand.
+"""`x @ weight.T` on CPU (fp32; bf16 for inference) by the product fastest on the machine at hand.
 
 Three products compute the same thing: `blas` (`F.linear`, i.e. whatever BLAS torch was built
 with), `onednn` (oneDNN's inner product on the plain weight, as PyTorch's own compiler calls it)
@@ -8,7 +8,10 @@ machines. So nothing here assumes a winner: `measure` times the candidates for a
 weight shapes and `use` records the fastest for each of two row classes, few rows (a decode step)
 and many rows (prefill, training). Until something is chosen every product is `blas`.
 
-bf16, CUDA and empty inputs always take `F.linear` (cuBLAS, or oneDNN inside `F.linear`).
+In bf16, `F.linear` is itself oneDNN, but on the plain weight it reorders that weight into its
+blocked layout at every call: a packed copy skips that (about 20-30 % off a decode step's
+products on an AVX-512/AMX Xeon), so bf16 inference chooses between `blas` and `packed` the same
+way; bf16 training keeps `F.linear`. fp16, CUDA and empty inputs always take `F.linear`.
 With gradients on, `onednn` runs the two backward products through oneDNN too
 (grad_x = grad @ W, grad_W = grad.T @ x).
 """
@@ -22,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# bf16 through oneDNN needs a CPU it supports bf16 on (AVX-512 or newer); elsewhere bf16 takes F.linear.
+DTYPES = (torch.float32, torch.bfloat16) if ONEDNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 PRODUCTS = ("blas", "onednn", "packed")
 FEW_ROWS = 16  # at most this many rows: the decode class (one row per running sequence)
 PACK_ROWS_HINT = 16  # the row count oneDNN blocks a packed weight for; 1-512 rows all run well with it
@@ -70,8 +75,8 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN can compute this product: fp32 CPU tensors, non-empty."""
-    return ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel() > 0
+    """Whether oneDNN can compute this product: fp32 (or supported bf16) CPU tensors, non-empty."""
+    return ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in DTYPES and x.numel() > 0
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -79,7 +84,7 @@ def packable(weight: torch.Tensor) -> bool:
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's blocked copy of an fp32 CPU weight `[N, K]`, for `linear` without gradients."""
+    """oneDNN's blocked copy of a CPU weight `[N, K]` (fp32 or bf16), for `linear` without gradients."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
 
 
@@ -112,14 +117,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, product: str | None = None) ->
 # ---------------------------------------------------------------------- measurement
 
 # A weight larger than this is timed on its first rows: few-row products stream the weight, so
-# 64 MiB keeps it out of the caches as the real one is; many-row products are bound by compute,
-# and a smaller slice keeps an 8B model's measurement well under a second.
+# 2**24 elements (64 MiB in fp32) keep it out of the caches as the real one is; many-row
+# products are bound by compute, and a smaller slice keeps an 8B model's measurement well under
+# a second.
 FEW_ROWS_ELEMENTS, MANY_ROWS_ELEMENTS = 2**24, 2**20
 MANY_ROWS_PROBE = 128
 
 
 def measure(shapes: Iterable[tuple[int, int, int]], candidates: Iterable[str], rows: int,
-            backward: bool = False, repeats: int = 3) -> dict[str, float]:
+            backward: bool = False, repeats: int = 3, dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Seconds each candidate takes for one product of every `(count, N, K)` weight shape (weighted
     by count) at `rows` input rows; with `backward`, the two gradient products too. Candidates
     alternate and the best of `repeats` counts, so a busy neighbour skews them alike."""
@@ -127,8 +133,8 @@ def measure(shapes: Iterable[tuple[int, int, int]], candidates: Iterable[str], r
     cases = []
     for count, n, k in shapes:
         n = max(1, min(n, (FEW_ROWS_ELEMENTS if rows <= FEW_ROWS else MANY_ROWS_ELEMENTS) // k))
-        w = torch.randn(n, k) / k**0.5
-        cases.append((count, w, pack_weight(w) if "packed" in candidates else None, torch.randn(rows, k)))
+        w = (torch.randn(n, k) / k**0.5).to(dtype)
+        cases.append((count, w, pack_weight(w) if "packed" in candidates else None, torch.randn(rows, k).to(dtype)))
     best = {c: float("inf") for c in candidates}
     for _ in range(repeats):
         for c in best:
@@ -154,13 +160,16 @@ def _time_one(product: str, x: torch.Tensor, w: torch.Tensor, backward: bool) ->
 
 
 def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: bool = True,
-           may_pack: bool = True) -> dict[str, str]:
+           may_pack: bool = True, dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Measure and `use` the fastest product per row class for these `(count, N, K)` weight shapes.
 
     `forced` names one product for both classes instead (`--cpu-matmul`). Training (`inference`
     False) measures forward plus backward and never packs; nor does a model about to be compiled
-    (`may_pack` False: the compiler takes plain weights). Returns the choice, which is logged.
+    (`may_pack` False: the compiler takes plain weights). `dtype` is the weights' (bf16 only for
+    inference). Returns the choice, which is logged.
     """
+    if dtype != torch.float32 and not inference:
+        raise ValueError(f"CPU products are chosen for {dtype} inference only (training takes F.linear)")
     if forced != "auto":
         if forced == "packed" and not inference:
             raise ValueError("--cpu-matmul packed: packed weights are for inference only (they have no gradient)")
@@ -169,23 +178,23 @@ def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: 
         if forced not in PRODUCTS:
             raise ValueError(f"--cpu-matmul {forced}: use auto, {', '.join(PRODUCTS)}")
         use(forced, forced)
-        log.info("CPU fp32 products: %s (forced)", forced)
+        log.info("CPU %s products: %s (forced)", _name(dtype), forced)
         return chosen()
-    if not ONEDNN:
+    if dtype not in DTYPES:
         use("blas", "blas")
         return chosen()
     start = time.perf_counter()
     if inference:
-        few = measure(shapes, ["blas", "onednn", "packed"] if may_pack else ["blas", "onednn"], rows=1)
+        few = measure(shapes, ["blas", "onednn", "packed"] if may_pack else ["blas", "onednn"], rows=1, dtype=dtype)
         plain = {k: v for k, v in few.items() if k != "packed"}
         packs = min(few, key=few.get) == "packed"
-        many = {"packed": 0.0} if packs else measure(shapes, ["blas", "onednn"], rows=MANY_ROWS_PROBE)
+        many = {"packed": 0.0} if packs else measure(shapes, ["blas", "onednn"], rows=MANY_ROWS_PROBE, dtype=dtype)
     else:
         plain = few = measure(shapes, ["blas", "onednn"], rows=1, backward=True)
         many = measure(shapes, ["blas", "onednn"], rows=MANY_ROWS_PROBE, backward=True)
     pick = lambda times: min(times, key=times.get)
     use(pick(few), pick(many), pick(plain))
-    log.info("CPU fp32 products: few rows %s, many rows %s%s (measured in %.2f s; few rows %s)",
+    log.info("CPU %s products: few rows %s, many rows %s%s (measured in %.2f s; few rows %s)", _name(dtype),
              _chosen["few"], _chosen["many"], " (packed weights serve every row count)" if _chosen["few"] == "packed" else "",
              time.perf_counter() - start, _fmt(few))
     return chosen()
@@ -193,3 +202,7 @@ def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: 
 
 def _fmt(times: dict[str, float]) -> str:
     return ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
