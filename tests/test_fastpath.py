@@ -148,8 +148,8 @@ def test_server_and_trainers_take_the_switches():
     from eeyore.serve.__main__ import parse_args as serve_args
     from eeyore.train.sft import parse_args as sft_args
 
-    served = serve_args(["--kernels", "off", "--cpu-matmul", "packed", "--compile"])
-    assert (served.kernels, served.cpu_matmul, served.compile) == ("off", "packed", True)
+    served = serve_args(["--kernels", "off", "--cpu-matmul", "onednn", "--compile"])
+    assert (served.kernels, served.cpu_matmul, served.compile) == ("off", "onednn", True)
     assert (serve_args([]).kernels, serve_args([]).cpu_matmul, serve_args([]).compile) == ("auto", "auto", False)
     trained = sft_args(["--dataset", "x", "--cpu_matmul", "onednn", "--kernels", "off"])
     assert (trained.kernels, trained.cpu_matmul) == ("off", "onednn")

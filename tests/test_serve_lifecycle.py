@@ -173,6 +173,38 @@ def test_ready_header_timeout_and_sigterm(smollm2_dir, tmp_path):
     assert "stopping" in log_path.read_text()
 
 
+def test_port_zero_logs_the_bound_port_and_the_dtype(tiny_ckpt, tmp_path):
+    """--port 0 lets the system pick: the log names the port it picked (not 0), the load line
+    names the dtype, and a --cpu-matmul that cannot apply to it (fp16) says so."""
+    log_path = tmp_path / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "eeyore.serve", "--model", str(tiny_ckpt), "--port", "0",
+                             "--dtype", "float16", "--cpu-matmul", "packed", "--max-model-len", "64"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_line(log_path, "ready: ", proc)
+        ready = next(line for line in log_path.read_text().splitlines() if "ready: " in line)
+        port = int(ready.rsplit(":", 1)[1].split("/")[0])
+        assert port != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            assert resp.status == 200
+        text = log_path.read_text()
+        assert " on cpu in float16:" in text, text
+        assert "--cpu-matmul packed has no effect on a float16 model" in text, text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+
+
+def test_compile_with_packed_weights_is_refused_before_loading():
+    proc = subprocess.run([sys.executable, "-m", "eeyore.serve", "--compile", "--cpu-matmul", "packed",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "listening" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "--cpu-matmul packed cannot be combined with --compile: the compiler takes plain weights")
+
+
 def test_sigterm_while_compiling_at_start_exits_at_once(tiny_ckpt, tmp_path):
     """--compile compiles while the server loads (minutes for a real model): a SIGTERM then ends
     the process without waiting for the load, so the later batch buckets are never compiled."""

@@ -69,6 +69,9 @@ def speed_up(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", infe
     # bf16 only for inference: in training F.linear is already oneDNN, and packing is what bf16 gains.
     if param.device.type == "cpu" and (param.dtype == torch.float32 or inference and param.dtype == torch.bfloat16):
         summary["cpu_matmul"] = _swap_linears(model, cpu_matmul, inference, may_pack)
+    elif param.device.type == "cpu" and cpu_matmul != "auto":
+        log.warning("--cpu-matmul %s has no effect on a %s model: F.linear computes its products "
+                    "(the choice is made for fp32, and for bf16 inference)", cpu_matmul, str(param.dtype).removeprefix("torch."))
     log.info("fast path: %s", summary)
     return summary
 

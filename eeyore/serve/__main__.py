@@ -100,7 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--exponential-decay-length-penalty", nargs=2, type=float, metavar=("START", "FACTOR"), default=None,
                    help="after START generated tokens, raise eos logits by |x| * (FACTOR^(k-START) - 1)")
     g.add_argument("--seed", type=int, default=None, help="seed of the shared generator for requests without one")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.compile and args.cpu_matmul == "packed":
+        p.error("--cpu-matmul packed cannot be combined with --compile: the compiler takes plain weights")
+    return args
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,8 +149,8 @@ def engine_loader(args: argparse.Namespace) -> Any:
         check_against_model(engine, overrides)
         cache_bytes = (kv_bytes_per_token(engine.model.config, engine.dtype) * engine.max_batch_size
                        * engine.max_model_len)
-        log.info("loaded %s on %s: context %d (the model's own: %d), %d slots, KV cache %.2f GiB; defaults %s",
-                 args.model or DEFAULT_MODEL_NAME, device, engine.max_model_len,
+        log.info("loaded %s on %s in %s: context %d (the model's own: %d), %d slots, KV cache %.2f GiB; defaults %s",
+                 args.model or DEFAULT_MODEL_NAME, device, str(engine.dtype).removeprefix("torch."), engine.max_model_len,
                  engine.model.config.max_position_embeddings, engine.max_batch_size, cache_bytes / 2**30, engine.defaults)
         return engine
 
@@ -163,10 +166,11 @@ async def serve(args: argparse.Namespace) -> None:
     listener = None
     try:
         listener = await listen(runner, args.host, args.port, args.header_timeout)
+        port = listener.sockets[0].getsockname()[1]  # the one the system gave, with --port 0
         log.info("listening on http://%s:%d/v1 as '%s'; loading the model (/health answers 503 meanwhile)",
-                 args.host, args.port, name)
+                 args.host, port, name)
         await run_until_signal(app, runner, listener, args.shutdown_timeout,
-                               on_ready=lambda: log.info("ready: serving '%s' on http://%s:%d/v1", name, args.host, args.port))
+                               on_ready=lambda: log.info("ready: serving '%s' on http://%s:%d/v1", name, args.host, port))
     finally:
         if listener is not None:
             listener.close()
