@@ -87,5 +87,6 @@ def for_inference(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto",
     speed_up(model, kernels=kernels, cpu_matmul=cpu_matmul, inference=True, may_pack=not compile)
     if compile:
         log.info("decode step through torch.compile: compiled at start (minutes on CPU the first time; "
-                 "torch keeps the result on disk for the next start)")
+                 "torch keeps the result on disk for the next start); its products are the compiler's, "
+                 "the measured ones serve prefill")
     return DecodeStep(model, compile)
