@@ -46,9 +46,9 @@ def add_arguments(parser: Any, style: str = "-") -> None:
                              "packed rows and decode when installed): auto = on for a CUDA model when triton imports, "
                              "off on CPU" + default)
     parser.add_argument(f"--cpu{style}matmul", choices=CPU_MATMUL_MODES, default="auto",
-                        help="product for CPU projections in fp32 or bf16: auto = the fastest "
-                             "measured at start on this machine for the model's shapes; blas = F.linear; onednn = oneDNN on the plain "
-                             "weights; packed = oneDNN on packed copies (inference only)" + default)
+                        help="product for CPU projections in fp32 or bf16: auto = the fastest measured at "
+                             "start on this machine for the model's shapes; blas = F.linear; onednn = oneDNN "
+                             "on the plain weights; packed = oneDNN on packed copies (inference only)" + default)
 
 
 def speed_up(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", inference: bool = False,
