@@ -66,12 +66,11 @@ def speed_up(model: Llama, kernels: str = "auto", cpu_matmul: str = "auto", infe
         swap_kernel_modules(model)
     else:
         _swap(model, Attention, CacheAttention)
-    # bf16 only for inference: in training F.linear is already oneDNN, and packing is what bf16 gains.
-    if param.device.type == "cpu" and (param.dtype == torch.float32 or inference and param.dtype == torch.bfloat16):
+    if param.device.type == "cpu" and products.chooses_for(param.dtype, inference):
         summary["cpu_matmul"] = _swap_linears(model, cpu_matmul, inference, may_pack)
     elif param.device.type == "cpu" and cpu_matmul != "auto":
         log.warning("--cpu-matmul %s has no effect on a %s model: F.linear computes its products "
-                    "(the choice is made for fp32, and for bf16 inference)", cpu_matmul, str(param.dtype).removeprefix("torch."))
+                    "(the choice is made for fp32, and for bf16 inference)", cpu_matmul, products.dtype_name(param.dtype))
     log.info("fast path: %s", summary)
     return summary
 
@@ -86,8 +85,6 @@ class ChosenLinear(nn.Linear):
 
 
 def _swap_linears(model: nn.Module, forced: str, inference: bool, may_pack: bool) -> dict[str, str]:
-    if forced not in CPU_MATMUL_MODES:
-        raise ValueError(f"--cpu-matmul {forced}: use one of {', '.join(CPU_MATMUL_MODES)}")
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     shapes = Counter(tuple(m.weight.shape) for m in linears)
     dtype = linears[0].weight.dtype

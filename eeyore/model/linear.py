@@ -159,6 +159,22 @@ def _time_one(product: str, x: torch.Tensor, w: torch.Tensor, backward: bool) ->
     return time.perf_counter() - start
 
 
+def chooses_for(dtype: torch.dtype, inference: bool) -> bool:
+    """Whether a model of this dtype gets a choice of products: fp32 always, bf16 for inference
+    (in training bf16's `F.linear` is already oneDNN, and packing is what bf16 gains)."""
+    return dtype == torch.float32 or (inference and dtype == torch.bfloat16)
+
+
+def check_forced(forced: str, inference: bool = True, may_pack: bool = True) -> None:
+    """ValueError, naming the flag, for a `--cpu-matmul` value these settings cannot take."""
+    if forced == "packed" and not inference:
+        raise ValueError("--cpu-matmul packed: packed weights are for inference only (they have no gradient)")
+    if forced == "packed" and not may_pack:
+        raise ValueError("--cpu-matmul packed cannot be combined with --compile: the compiler takes plain weights")
+    if forced not in ("auto", *PRODUCTS):
+        raise ValueError(f"--cpu-matmul {forced}: use auto, {', '.join(PRODUCTS)}")
+
+
 def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: bool = True,
            may_pack: bool = True, dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Measure and `use` the fastest product per row class for these `(count, N, K)` weight shapes.
@@ -169,16 +185,11 @@ def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: 
     inference). Returns the choice, which is logged.
     """
     if dtype != torch.float32 and not inference:
-        raise ValueError(f"CPU products are chosen for {dtype} inference only (training takes F.linear)")
+        raise ValueError(f"CPU products are chosen for {dtype_name(dtype)} inference only (training takes F.linear)")
+    check_forced(forced, inference, may_pack)
     if forced != "auto":
-        if forced == "packed" and not inference:
-            raise ValueError("--cpu-matmul packed: packed weights are for inference only (they have no gradient)")
-        if forced == "packed" and not may_pack:
-            raise ValueError("--cpu-matmul packed cannot be combined with --compile: the compiler takes plain weights")
-        if forced not in PRODUCTS:
-            raise ValueError(f"--cpu-matmul {forced}: use auto, {', '.join(PRODUCTS)}")
         use(forced, forced)
-        log.info("CPU %s products: %s (forced)", _name(dtype), forced)
+        log.info("CPU %s products: %s (forced)", dtype_name(dtype), forced)
         return chosen()
     if dtype not in DTYPES:
         use("blas", "blas")
@@ -194,7 +205,7 @@ def choose(shapes: list[tuple[int, int, int]], forced: str = "auto", inference: 
         many = measure(shapes, ["blas", "onednn"], rows=MANY_ROWS_PROBE, backward=True)
     pick = lambda times: min(times, key=times.get)
     use(pick(few), pick(many), pick(plain))
-    log.info("CPU %s products: few rows %s, many rows %s%s (measured in %.2f s; few rows %s)", _name(dtype),
+    log.info("CPU %s products: few rows %s, many rows %s%s (measured in %.2f s; few rows %s)", dtype_name(dtype),
              _chosen["few"], _chosen["many"], " (packed weights serve every row count)" if _chosen["few"] == "packed" else "",
              time.perf_counter() - start, _fmt(few))
     return chosen()
@@ -204,5 +215,5 @@ def _fmt(times: dict[str, float]) -> str:
     return ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items())
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

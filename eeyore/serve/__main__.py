@@ -25,6 +25,7 @@ from aiohttp import web
 from eeyore.model.lookup import DEFAULT_MODEL_NAME
 
 from eeyore.model.fastpath import add_arguments as add_fast_path_arguments
+from eeyore.model.linear import check_forced
 
 from .app import MAX_BODY_BYTES, create_app
 from .engine import Engine
@@ -101,8 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="after START generated tokens, raise eos logits by |x| * (FACTOR^(k-START) - 1)")
     g.add_argument("--seed", type=int, default=None, help="seed of the shared generator for requests without one")
     args = p.parse_args(argv)
-    if args.compile and args.cpu_matmul == "packed":
-        p.error("--cpu-matmul packed cannot be combined with --compile: the compiler takes plain weights")
+    try:  # before anything loads
+        check_forced(args.cpu_matmul, inference=True, may_pack=not args.compile)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
