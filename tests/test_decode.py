@@ -50,3 +50,26 @@ def test_compiled_step_runs_the_plain_code_of_the_kernel_modules():
         assert isinstance(model.model.layers[0].self_attn, KernelAttention)
         compiled = DecodeStep(model, compile=True)(ids, positions, caches[1], 10)  # fullgraph: a split raises
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_bf16_step_on_cpu_is_frozen():
+    """A bf16 step compiled on CPU takes the weights as constants of its own (so the compiler may
+    lay them out for its kernels and time its products): it gives the eager step's logits within
+    bf16 rounding, and it keeps giving them after the model's weights are overwritten, which a
+    program reading the model's weights (the fp32 one) would not."""
+    model = random_model(tiny_config()).to(torch.bfloat16)
+    caches = [KVCache(model.config, 2, 40, dtype=torch.bfloat16) for _ in range(3)]
+    prompt = torch.randint(0, model.config.vocab_size, (2, 9))
+    ids, positions = torch.tensor([[3], [4]]), torch.tensor([[9], [6]])
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompt, torch.arange(9).expand(2, -1), cache.rows(0, 2))
+        eager = DecodeStep(model)(ids, positions, caches[0], 10)
+        step = DecodeStep(model, compile=True)
+        assert step.frozen
+        compiled = step(ids, positions, caches[1], 10)
+        torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=3e-2)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+        assert not torch.allclose(DecodeStep(model)(ids, positions, caches[2], 10).float(), eager.float(), atol=3e-2)
+        torch.testing.assert_close(step(ids, positions, caches[1], 10), compiled, rtol=0, atol=0)
