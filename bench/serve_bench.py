@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import socket
@@ -181,6 +182,10 @@ def start_server(cmd: list[str], port: int, ready_within: float = 1800.0) -> sub
     start takes minutes); if it exits, hangs or is interrupted first, it is stopped and the
     error names the last line it wrote."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Drained from the start: a server that fills the pipe while it starts (a compiler's output)
+    # blocks in its next log write, and its /health with it. The last lines name a failure.
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    threading.Thread(target=lambda: tail.extend(proc.stderr), daemon=True).start()
     url = f"http://127.0.0.1:{port}/health"
     deadline = time.monotonic() + ready_within
 
@@ -196,7 +201,8 @@ def start_server(cmd: list[str], port: int, ready_within: float = 1800.0) -> sub
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.5)
-        lines = [line for line in proc.stderr.read().splitlines() if line.strip()]
+        time.sleep(0.5)  # the drain thread reads what the server wrote last
+        lines = [line.rstrip() for line in tail if line.strip()]
         # the last line first: it names the cause (a one-line report keeps only the first)
         raise RuntimeError(f"server exited with {proc.returncode}: {lines[-1] if lines else 'no output'}\n" + "\n".join(lines[-20:]))
 
@@ -206,7 +212,6 @@ def start_server(cmd: list[str], port: int, ready_within: float = 1800.0) -> sub
         proc.kill()
         proc.wait()
         raise
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its pipe drained
     return proc
 
 

@@ -51,6 +51,7 @@ def _step(model: Llama, ids: torch.Tensor, positions: torch.Tensor, k: torch.Ten
 # a millisecond for 30 layers' parameters) would guard nothing it reads: those guards are dropped.
 FROZEN_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+FROZEN_SETTINGS = {"freezing": True, "autotune_num_choices_displayed": 0}
 
 
 class DecodeStep:
@@ -89,8 +90,9 @@ class DecodeStep:
             if self.on_cuda:  # written in place by the step: a CUDA graph needs their address fixed
                 torch._dynamo.mark_static_address(t)
         # Freezing is read from the compiler's global settings at compile time (a compile option
-        # does not reach it), so it is set around each call, which is when compiling happens.
-        with inductor_config.patch(freezing=True) if self.frozen else nullcontext():
+        # does not reach it), so it is set around each call, which is when compiling happens;
+        # so is silence for the compiler's table of timings, dozens of lines per weight shape.
+        with inductor_config.patch(FROZEN_SETTINGS) if self.frozen else nullcontext():
             return self._program(ids, positions, cache.k, cache.v, cache.max_len, kv_len)[:n]
 
     def _bucket(self, n: int, cache: KVCache) -> int:
