@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--compile", action="store_true", help="run the decode step through torch.compile (CUDA "
                    "graphs on CUDA: several times faster decode there), compiled before the server takes requests: "
                    "minutes the first time (on CPU, and on a GPU for each batch bucket), less once torch has kept "
-                   "the result on disk (default off)")
+                   "the result on disk; in bf16 on CPU the compiled step keeps its own copy of the weights (default off)")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=6416, help="port to listen on (default 6416)")
