@@ -31,6 +31,17 @@ def test_compiled_step_writes_the_cache_in_place():
     assert not copies, copies
 
 
+def _prefilled(model, count: int):
+    """`count` caches holding the same 9-token prefill of two rows (up to positions 9 and 6),
+    and the ids and positions of one decode step for those rows."""
+    caches = [KVCache(model.config, 2, 40, dtype=next(model.parameters()).dtype) for _ in range(count)]
+    prompt = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.inference_mode():
+        for cache in caches:
+            model(prompt, torch.arange(9).expand(2, -1), cache.rows(0, 2))
+    return caches, torch.tensor([[3], [4]]), torch.tensor([[9], [6]])
+
+
 def test_compiled_step_runs_the_plain_code_of_the_kernel_modules():
     """With the Triton kernel modules swapped in (as on a GPU), the compiled step is still one
     whole graph: under the compiler each module runs its plain code, which the compiler fuses
@@ -39,12 +50,8 @@ def test_compiled_step_runs_the_plain_code_of_the_kernel_modules():
     from eeyore.model.fastpath import KernelAttention, swap_kernel_modules
 
     model = random_model(tiny_config())
-    caches = [KVCache(model.config, 2, 40) for _ in range(2)]
-    prompt = torch.randint(0, model.config.vocab_size, (2, 9))
-    ids, positions = torch.tensor([[3], [4]]), torch.tensor([[9], [6]])
+    caches, ids, positions = _prefilled(model, 2)
     with torch.inference_mode():
-        for cache in caches:
-            model(prompt, torch.arange(9).expand(2, -1), cache.rows(0, 2))
         eager = DecodeStep(model)(ids, positions, caches[0], 10)
         swap_kernel_modules(model)
         assert isinstance(model.model.layers[0].self_attn, KernelAttention)
@@ -58,12 +65,8 @@ def test_compiled_bf16_step_on_cpu_is_frozen():
     bf16 rounding, and it keeps giving them after the model's weights are overwritten, which a
     program reading the model's weights (the fp32 one) would not."""
     model = random_model(tiny_config()).to(torch.bfloat16)
-    caches = [KVCache(model.config, 2, 40, dtype=torch.bfloat16) for _ in range(3)]
-    prompt = torch.randint(0, model.config.vocab_size, (2, 9))
-    ids, positions = torch.tensor([[3], [4]]), torch.tensor([[9], [6]])
+    caches, ids, positions = _prefilled(model, 3)
     with torch.inference_mode():
-        for cache in caches:
-            model(prompt, torch.arange(9).expand(2, -1), cache.rows(0, 2))
         eager = DecodeStep(model)(ids, positions, caches[0], 10)
         step = DecodeStep(model, compile=True)
         assert step.frozen
