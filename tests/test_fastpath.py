@@ -86,8 +86,8 @@ def test_cache_attention_reads_each_key_once_and_gives_the_plain_logits(monkeypa
     assert all(type(b.self_attn) is CacheAttention for b in fast.model.layers)
     heads = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: heads.append((q.shape[1], k.shape[1])) or sdpa(q, k, v, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: heads.append(
+        (q.shape[1], k.shape[1], kw.get("attn_mask") is None)) or sdpa(q, k, v, **kw))
     ids, stale = torch.randint(0, config.vocab_size, (2, 60)), torch.randint(0, config.vocab_size, (1, 75))
     caches = [KVCache(config, slots=3, max_len=80) for _ in range(2)]
     with torch.no_grad():
@@ -100,7 +100,10 @@ def test_cache_attention_reads_each_key_once_and_gives_the_plain_logits(monkeypa
             outs.append(torch.cat(chunks + steps, dim=1))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     fast_calls = heads[len(heads) // 2:]  # the plain model's calls came first
-    assert fast_calls and all(q == k == 2 for q, k in fast_calls)
+    # the stale row fills its slot from the start: plain causal attention, each kernel's own GQA
+    from_start, masked = fast_calls[:config.num_hidden_layers], fast_calls[config.num_hidden_layers:]
+    assert all(call == (6, 2, True) for call in from_start)
+    assert masked and all(call == (2, 2, False) for call in masked)
 
 
 def _plain_kernels(calls):

@@ -107,6 +107,32 @@ def test_kv_cache_rows_at_different_positions_equal_full_forward():
             assert (out[1, 0] - full[1, 20 + step]).abs().max() < 1e-5
 
 
+def test_a_pass_that_fills_a_cache_from_its_start_attends_causally_without_a_mask(monkeypatch):
+    """Rows whose queries are positions 0..T-1 with nothing else to read are plain causal
+    attention (no mask built); a later chunk, or a pass told to read further, keeps the mask.
+    The logits are the full forward's either way."""
+    config = tiny_config()
+    model = random_model(config)
+    ids = torch.randint(0, config.vocab_size, (2, 30))
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: masks.append(kw.get("attn_mask") is not None) or sdpa(q, k, v, **kw))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(config, slots=2, max_len=40)
+        passes = [  # (tokens, positions, span given to the cache view, mask expected)
+            (ids[:, :20], torch.arange(20).expand(2, -1), None, False),
+            (ids[:, 20:], torch.arange(20, 30).expand(2, -1), None, True),
+            (ids[:, :20], torch.arange(20).expand(2, -1), 25, True),  # reads 5 positions beyond its own
+        ]
+        for tokens, positions, span, expect_mask in passes:
+            masks.clear()
+            out = model(tokens, positions, cache.rows(0, 2, span))
+            assert masks == [expect_mask] * config.num_hidden_layers
+            torch.testing.assert_close(out, full[:, positions[0]], rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_decoding_reproduces_the_full_forward():
     """Each greedy token, decoded with the cache, is the argmax of a full forward over the prefix."""
     config = tiny_config()

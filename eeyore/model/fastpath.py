@@ -118,13 +118,20 @@ class CacheAttention(Attention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
         group = self.heads // self.kv_heads
-        if ctx.cache is None or group == 1:
+        if ctx.cache is None or group == 1 or ctx.mask is None:
             return super().attend(q, k, v, ctx)
         b, _, t, dim = q.shape
-        length = k.shape[2]
         rows = q.reshape(b, self.kv_heads, group * t, dim)  # row (j, g, t) = head j * group + g, query t
-        mask = ctx.mask[:, :, None].expand(b, 1, group, t, length).reshape(b, 1, group * t, length)
+        mask = ctx.shared("folded mask", lambda: _folded(ctx.mask, group, q.dtype))
         return F.scaled_dot_product_attention(rows, k, v, attn_mask=mask).view(b, self.heads, t, dim)
+
+
+def _folded(mask: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean mask `[B, 1, T, L]` for the folded query rows `[B, 1, group * T, L]`, as the
+    additive mask (0 or -inf, in the queries' dtype) SDPA would otherwise rebuild in every layer."""
+    b, _, t, length = mask.shape
+    rows = mask[:, :, None].expand(b, 1, group, t, length).reshape(b, 1, group * t, length)
+    return torch.zeros(rows.shape, dtype=dtype, device=mask.device).masked_fill_(~rows, float("-inf"))
 
 
 def _swap(model: nn.Module, plain: type, fast: type) -> None:

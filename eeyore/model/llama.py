@@ -6,6 +6,7 @@ llama3 frequency scaling.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,21 +123,37 @@ class Context:
     With a cache, query t of row b sees the cached keys at positions <= positions[b, t], among
     the first `kv_len`; packed sequences (`cu_seqlens`) see only their own sample's keys. The
     mask is built on first use, once per forward pass, so a variant that attends by lengths
-    instead never builds it.
+    instead never builds it. A pass that fills a cache from its start (every row's queries are
+    positions 0..T-1, T = kv_len: a prompt's first chunk) needs none: that is plain causal
+    attention, whose kernels also skip the keys after each query.
     """
 
     def __init__(self, positions: torch.Tensor, cache: KVCache | None, cu_seqlens: torch.Tensor | None) -> None:
         self.positions, self.cache, self.cu_seqlens = positions, cache, cu_seqlens
         self.kv_len = cache.span(positions) if cache is not None else positions.shape[1]
         self._mask: torch.Tensor | None = None
+        self._shared: dict[str, Any] = {}
 
     @property
     def mask(self) -> torch.Tensor | None:
         """Boolean `[B, 1, T, L]` (True = attend), or None for plain causal attention."""
-        if self._mask is None:
-            if self.cache is not None:
-                self._mask = self.cache.attention_mask(self.positions, self.kv_len)
+        if self._mask is None and self.cache is not None and not self.fills_from_start():
+            self._mask = self.cache.attention_mask(self.positions, self.kv_len)
         return self._mask
+
+    def fills_from_start(self) -> bool:
+        """Whether every row's queries are positions 0..T-1 and nothing else is read (T = kv_len)."""
+        t = self.positions.shape[1]
+        if torch.compiler.is_compiling() or t == 1 or t != self.kv_len:  # a decode step never is
+            return False
+        return self.shared("from start", lambda: bool((self.positions == torch.arange(t, device=self.positions.device)).all()))
+
+    def shared(self, key: str, build: Callable[[], Any]) -> Any:
+        """A value every layer of this pass uses (a variant's layout of the mask, say), built
+        by the first layer that asks for it."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
