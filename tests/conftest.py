@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 from shared_data import shared_records
+
+# The Triton kernels' tests run them in Triton's interpreter on CPU tensors. Triton reads this when
+# it is first imported, and any test module (the engine's, say) may import it first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined, i.e. at import
-
 import pytest
 import torch
 import torch.nn.functional as F
